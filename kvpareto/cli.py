@@ -1,0 +1,280 @@
+"""The `kvpareto` command line: parse, call, print. No math lives here.
+
+Every `UserError` becomes one line on stderr and exit code 2; `--json` output goes to stdout
+alone so that machines can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvpareto.errors import UserError
+
+try:  # typer >= 0.26 vendors its own click; older releases use click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
+app = typer.Typer(
+    help="Find the memory/accuracy Pareto frontier of KV-cache and weight settings.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List, inspect and install models.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _csv_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(
+            f"{flag} takes comma-separated integers, e.g. 1024,2048; got {text!r}"
+        ) from None
+    if not values or min(values) <= 0:
+        raise UserError(f"{flag} needs at least one positive integer; got {text!r}")
+    return values
+
+
+def _load_config_file(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config keys, e.g. k_bits: 4")
+    return data.get("config", data)
+
+
+_DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(
+        "smollm2-135m", "--model", "-m", help="Catalog name, .gguf path, HF folder or hub id."
+    ),
+    k_bits: int | None = typer.Option(None, help="Key bits: 2, 4, 8 or 16."),
+    v_bits: int | None = typer.Option(None, help="Value bits: 2, 4, 8 or 16."),
+    k_granularity: str | None = typer.Option(
+        None, help="per-token, per-channel, per-tensor or per-block."
+    ),
+    v_granularity: str | None = typer.Option(
+        None, help="per-token, per-channel, per-tensor or per-block."
+    ),
+    group_size: int | None = typer.Option(None, help="32, 64 or 128 (clipped to head_dim)."),
+    symmetric: bool | None = typer.Option(
+        None, "--symmetric/--asymmetric", help="Symmetric RTN (no zero point)."
+    ),
+    residual_length: int | None = typer.Option(
+        None, help="Most recent tokens kept in full precision."
+    ),
+    k_smooth: bool | None = typer.Option(
+        None, "--k-smooth/--no-k-smooth", help="Subtract per-channel key mean."
+    ),
+    rotation: str | None = typer.Option(None, help="none or hadamard."),
+    chunk_size: int | None = typer.Option(None, help="Prefill chunk in tokens; 0 = unchunked."),
+    config_file: Path | None = typer.Option(
+        None, "--config", help="YAML/JSON file of config keys."
+    ),
+    tasks: str = typer.Option("niah", help="Comma-separated task names."),
+    context_lengths: str = typer.Option("1024", help="Comma-separated prompt lengths in tokens."),
+    samples: int = typer.Option(5, min=1, help="Samples per task and context length."),
+    seed: int = typer.Option(0, help="Seed for the generated task data."),
+    dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16, float32 or float16."),
+    threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Evaluate one configuration.
+
+    Example: kvpareto eval --k-bits 4 --v-bits 2 --chunk-size 256 --json
+    """
+    from kvpareto.config import Config
+
+    flags = dict(
+        k_bits=k_bits,
+        v_bits=v_bits,
+        k_granularity=k_granularity,
+        v_granularity=v_granularity,
+        group_size=group_size,
+        symmetric=symmetric,
+        residual_length=residual_length,
+        k_smooth=k_smooth,
+        rotation=rotation,
+        chunk_size=chunk_size,
+    )
+    merged = {**_load_config_file(config_file), **{k: v for k, v in flags.items() if v is not None}}
+    config = Config.from_dict(merged)
+    lengths = _csv_ints(context_lengths, "--context-lengths")
+    task_names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if dtype not in _DTYPES:
+        raise UserError(f"--dtype must be one of bfloat16, float32, float16; got {dtype!r}")
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from kvpareto.models import load_model
+    from kvpareto.tasks import get_task
+    from kvpareto.trial import run_trial
+
+    for name in task_names:
+        get_task(name)
+    if threads:
+        torch.set_num_threads(threads)
+    with err.status(f"loading {model}"):
+        loaded = load_model(model, dtype=getattr(torch, _DTYPES[dtype]))
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        job = bar.add_task(config.label(), total=None)
+        result = run_trial(
+            loaded,
+            config,
+            task_names,
+            lengths,
+            samples,
+            seed,
+            progress=lambda done, total: bar.update(job, completed=done, total=total),
+        )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    _print_result(result)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def _print_result(r: dict) -> None:
+    lo, hi = r["accuracy_ci"]
+    out.print(
+        f"[bold]{r['model']}[/bold]  {r['label']}  (prompt {r['longest_prompt_tokens']} tokens)"
+    )
+    acc = Table(title="accuracy (Wilson 95% CI)")
+    for col in ("task", "accuracy", "95% CI", "n"):
+        acc.add_column(col)
+    for name, t in r["tasks"].items():
+        tlo, thi = t["accuracy_ci"]
+        acc.add_row(name, f"{t['accuracy']:.3f}", f"[{tlo:.3f}, {thi:.3f}]", str(t["n"]))
+    acc.add_row("all", f"{r['accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]", str(r["n"]))
+    out.print(acc)
+    mem = Table(title="memory at the longest prompt (MiB)")
+    for col in ("part", "measured", "modeled"):
+        mem.add_column(col)
+    for part in ("weights_bytes", "kv_bytes", "activation_peak_bytes", "total_bytes"):
+        mem.add_row(
+            part.removesuffix("_bytes"), _mib(r["memory"][part]), _mib(r["memory"]["modeled"][part])
+        )
+    out.print(mem)
+    t = r["timing"]
+    decode = t["decode_ms_per_token"]
+    out.print(
+        f"prefill {t['prefill_tokens_per_s']:.0f} tokens/s, decode "
+        + (f"{decode:.1f} ms/token" if decode else "n/a")
+        + f" ({r['threads']} threads, {r['dtype']})"
+    )
+
+
+@models_app.callback()
+def models_list(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+) -> None:
+    """List the built-in models. Example: kvpareto models --json"""
+    if ctx.invoked_subcommand is not None:
+        return
+    from kvpareto.models import CATALOG, DEFAULT_MODEL, is_installed
+
+    rows = [{**spec.summary(), "installed": is_installed(spec)} for spec in CATALOG.values()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="kvpareto models", caption="* default model")
+    table.add_column("name", no_wrap=True)
+    for col in ("arch", "params", "layers", "heads/kv", "head_dim", "context", "installed"):
+        table.add_column(col)
+    for r in rows:
+        name = r["name"] + ("*" if r["name"] == DEFAULT_MODEL else "")
+        name += " (opt-in)" if r["opt_in"] else ""
+        table.add_row(
+            name,
+            r["arch"],
+            f"{r['params'] / 1e6:.1f}M",
+            str(r["layers"]),
+            f"{r['heads']}/{r['kv_heads']}",
+            str(r["head_dim"]),
+            str(r["max_context"]),
+            "yes" if r["installed"] else "no",
+        )
+    out.print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="A catalog name, e.g. smollm2-135m.")) -> None:
+    """Install, verify (sha256) and convert a catalog model.
+
+    Example: kvpareto models pull gemma3-270m
+    """
+    from kvpareto.models import pull
+
+    with err.status(f"pulling {name} (install, verify sha256, convert; first time only)"):
+        path = pull(name)
+    typer.echo(f"{name}: ready at {path}")
+
+
+def main() -> None:
+    try:
+        # standalone_mode=False hands every error to us, so each one becomes a single line.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except UserError as e:
+        _fail(str(e), e.exit_code)
+    except click_errors.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx else "see kvpareto --help")
+        sys.exit(0)
+    except click_errors.ClickException as e:
+        _fail(e.format_message().replace("\n", " "), 2)
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"error: {message}", highlight=False, soft_wrap=True, markup=False)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

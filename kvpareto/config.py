@@ -1,0 +1,141 @@
+"""The `Config` value: one point of the search space, every knob named as in the literature.
+
+A Config is frozen and hashable. Its `key()` is stable across runs and machines (it feeds trial
+cache keys), and its `label()` is the short name shown in tables and reports, for example
+`w16-k4v2-tok-g32-r0-c256`. Validation happens here, once, so every later layer can trust it.
+Knows nothing of torch or optuna.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from kvpareto.errors import UserError
+
+KV_BITS = (2, 4, 8, 16)
+GRANULARITIES = ("per-token", "per-channel", "per-tensor", "per-block")
+GROUP_SIZES = (32, 64, 128)
+ROTATIONS = ("none", "hadamard")
+_GRAN_SHORT = {"per-token": "tok", "per-channel": "ch", "per-tensor": "ten", "per-block": "blk"}
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """A per-layer override of KV bit-widths (KVTuner-style mixed precision)."""
+
+    k_bits: int
+    v_bits: int
+
+
+@dataclass(frozen=True)
+class Config:
+    k_bits: int = 16
+    v_bits: int = 16
+    k_granularity: str = "per-token"
+    v_granularity: str = "per-token"
+    group_size: int = 32
+    symmetric: bool = False
+    residual_length: int = 0
+    k_smooth: bool = False
+    rotation: str = "none"
+    chunk_size: int = 0  # 0 = unchunked prefill (the whole prompt is one chunk)
+    # ((layer_index, LayerBits), ...) sorted by layer; a tuple so the Config stays hashable
+    layer_bits: tuple[tuple[int, LayerBits], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _check_bits("k_bits", self.k_bits)
+        _check_bits("v_bits", self.v_bits)
+        for name in ("k_granularity", "v_granularity"):
+            if getattr(self, name) not in GRANULARITIES:
+                raise UserError(
+                    f"{name} must be one of {', '.join(GRANULARITIES)}, got {getattr(self, name)!r}"
+                )
+        if self.group_size not in GROUP_SIZES:
+            raise UserError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+        if not isinstance(self.residual_length, int) or not 0 <= self.residual_length <= 4096:
+            raise UserError(
+                f"residual_length must be an integer in 0..4096, got {self.residual_length!r}"
+            )
+        if self.rotation not in ROTATIONS:
+            raise UserError(
+                f"rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}"
+            )
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+            raise UserError(
+                f"chunk_size must be 0 (unchunked) or a positive integer, got {self.chunk_size!r}"
+            )
+        for idx, bits in self.layer_bits:
+            if not isinstance(idx, int) or idx < 0:
+                raise UserError(f"layer_bits keys must be layer indices >= 0, got {idx!r}")
+            _check_bits(f"layer_bits[{idx}].k_bits", bits.k_bits)
+            _check_bits(f"layer_bits[{idx}].v_bits", bits.v_bits)
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        """Build from plain data (a --config file, a results row); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(
+                f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        data = dict(data)
+        raw_layers = data.pop("layer_bits", None) or {}
+        if isinstance(raw_layers, dict):
+            raw_layers = raw_layers.items()
+        try:
+            layer_bits = tuple(
+                sorted(
+                    (int(i), LayerBits(int(b["k_bits"]), int(b["v_bits"]))) for i, b in raw_layers
+                )
+            )
+        except (TypeError, KeyError, ValueError) as e:
+            raise UserError(
+                "layer_bits must map layer index to {k_bits: N, v_bits: N}, "
+                f"e.g. {{0: {{k_bits: 8, v_bits: 4}}}} ({e})"
+            ) from e
+        return cls(**data, layer_bits=layer_bits)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layer_bits"] = {str(i): asdict(b) for i, b in self.layer_bits}
+        return d
+
+    # --- identity -----------------------------------------------------------------------------
+    def key(self) -> str:
+        """A stable hash of every knob: equal configs share trial-cache entries."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def bits_for_layer(self, layer_idx: int) -> LayerBits:
+        for idx, bits in self.layer_bits:
+            if idx == layer_idx:
+                return bits
+        return LayerBits(self.k_bits, self.v_bits)
+
+    def label(self) -> str:
+        """Short human name, e.g. w16-k4v2-tok-g32-r0-c256 (weights are 16-bit until quantized)."""
+        parts = ["w16", f"k{self.k_bits}v{self.v_bits}"]
+        if self.k_bits < 16 or self.v_bits < 16:
+            k, v = _GRAN_SHORT[self.k_granularity], _GRAN_SHORT[self.v_granularity]
+            parts.append(k if k == v else f"{k}/{v}")
+            parts.append(f"g{self.group_size}")
+            parts.append(f"r{self.residual_length}")
+            if self.symmetric:
+                parts.append("sym")
+            if self.k_smooth:
+                parts.append("ks")
+            if self.rotation != "none":
+                parts.append("rot")
+        if self.layer_bits:
+            parts.append(f"L{len(self.layer_bits)}")
+        parts.append(f"c{self.chunk_size}")
+        return "-".join(parts)
+
+
+def _check_bits(name: str, value: object) -> None:
+    if value not in KV_BITS:
+        raise UserError(f"{name} must be one of {', '.join(map(str, KV_BITS))}, got {value!r}")

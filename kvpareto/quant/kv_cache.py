@@ -1,0 +1,313 @@
+"""A packed, mixed-precision KV cache that transformers' `model.forward` accepts.
+
+Why not the built-in `QuantizedCache`: it has one bit-width for K and V, no per-layer bits, and it
+re-quantizes the whole history at every residual flush. Here each layer holds two independent
+`KVStream`s (K and V), each with its own bits, tile shape, residual window and options.
+
+Semantics (ARCHITECTURE.md, "Quantize on write, faithfully"):
+- `update()` returns [dequantized history | full-precision tail | this chunk], so a prefill chunk
+  attends to its own K/V in full precision and to earlier chunks as a real runtime would read them.
+- Then the chunk joins the full-precision tail, and tokens leave the tail oldest first, in whole
+  token-tiles, once more than `residual_length` (R) tokens wait. Token-tiled schemes (per-channel,
+  per-block: g tokens; per-tensor: 128) therefore keep up to R + tile - 1 tokens in full
+  precision; per-channel statistics are gathered over exactly those g tokens. Nothing already
+  quantized is ever touched again.
+- The state after T tokens depends on T alone, not on chunking: `StreamSpec.modeled_bytes(T)`
+  gives the bytes held in closed form, and the tests check it against the tensors to the byte.
+- Sliding-window layers (Gemma3 local layers) drop whole tiles once they fall out of the window.
+
+Storage: packed uint8 codes, fp16 scale and zero per tile, the tail in the compute dtype. A 16-bit
+stream stores the compute dtype when it is 16-bit, else fp16. Dequantizing the history happens per
+layer per step into a temporary; that temporary is activation memory, not KV memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvpareto.config import Config
+from kvpareto.quant.tiles import Quantized, TileShape, dequantize, hadamard, quantize, tile_shape
+
+_F16 = 2  # bytes of an fp16 scale, zero point or smoothing mean
+
+
+def storage_dtype_16(compute: torch.dtype) -> torch.dtype:
+    return compute if compute in (torch.float16, torch.bfloat16) else torch.float16
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything that decides how one K or V stream stores tokens."""
+
+    bits: int
+    tile: TileShape
+    symmetric: bool
+    residual_length: int
+    smooth: bool  # subtract the per-channel mean before quantizing (keys only)
+    rotate: bool  # Hadamard-rotate channels before quantizing
+    window: int | None  # sliding-window size, None for global attention
+    fp_bytes: int  # bytes per value of the full-precision tail
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    def layout(self, total: int) -> tuple[int, int, int]:
+        """(first stored quantized token, quantized tokens ever written, stored tail tokens)."""
+        keep_from = 0 if self.window is None else max(total - (self.window - 1), 0)
+        if not self.quantized:
+            return 0, 0, total - keep_from
+        tt = self.tile.tokens
+        n_q = max(total - self.residual_length, 0) // tt * tt
+        q_start = min(keep_from // tt * tt, n_q)
+        return q_start, n_q, total - n_q
+
+    def modeled_bytes(self, total: int, batch: int, heads: int, head_dim: int) -> int:
+        q_start, n_q, n_tail = self.layout(total)
+        stored_q = n_q - q_start
+        per_head = n_tail * head_dim * self.fp_bytes
+        if self.quantized:
+            tiles = (stored_q // self.tile.tokens) * (head_dim // self.tile.channels)
+            per_head += stored_q * head_dim * self.bits // 8
+            per_head += tiles * _F16 * (1 if self.symmetric else 2)
+            if self.smooth and total > 0:
+                per_head += head_dim * _F16
+        return batch * heads * per_head
+
+
+def stream_specs(
+    config: Config, layer_idx: int, head_dim: int, window: int | None, dtype: torch.dtype
+) -> tuple[StreamSpec, StreamSpec]:
+    bits = config.bits_for_layer(layer_idx)
+    fp_bytes = torch.finfo(dtype).bits // 8
+
+    def spec(b: int, granularity: str, smooth: bool) -> StreamSpec:
+        return StreamSpec(
+            bits=b,
+            tile=tile_shape(granularity, config.group_size, head_dim),
+            symmetric=config.symmetric,
+            residual_length=config.residual_length,
+            smooth=smooth and b < 16,
+            rotate=config.rotation == "hadamard" and b < 16,
+            window=window,
+            fp_bytes=fp_bytes if b < 16 else torch.finfo(storage_dtype_16(dtype)).bits // 8,
+        )
+
+    return (
+        spec(bits.k_bits, config.k_granularity, config.k_smooth),
+        spec(bits.v_bits, config.v_granularity, False),
+    )
+
+
+class KVStream:
+    """The K (or V) history of one layer: packed quantized tiles, then a full-precision tail."""
+
+    def __init__(self, spec: StreamSpec, dtype: torch.dtype):
+        self.spec = spec
+        self.dtype = dtype
+        self.tail_dtype = dtype if spec.quantized else storage_dtype_16(dtype)
+        self.total = 0  # tokens ever written
+        self.q_start = 0  # absolute index of the first stored quantized token
+        self.n_q = 0  # absolute index one past the last quantized token
+        self.packed: Quantized | None = None
+        self.tail: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None  # fp16 per-channel mean, fixed at first write
+        self._rot: torch.Tensor | None = None
+
+    # --- reading --------------------------------------------------------------------------------
+    def history(self) -> torch.Tensor | None:
+        """Everything stored, dequantized to the compute dtype, oldest first."""
+        parts = []
+        if self.packed is not None and self.n_q > self.q_start:
+            parts.append(self._decode(self.packed))
+        if self.tail is not None and self.tail.shape[-2]:
+            parts.append(self.tail.to(self.dtype))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = [] if self.packed is None else self.packed.tensors()
+        held += [t for t in (self.tail, self.mean) if t is not None]
+        return held
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    # --- writing --------------------------------------------------------------------------------
+    def append(self, new: torch.Tensor) -> None:
+        if self.tail is None:
+            self.tail = new[..., :0, :].to(self.tail_dtype)
+            if self.spec.smooth:
+                self.mean = new.float().mean(dim=-2, keepdim=True).to(torch.float16)
+            if self.spec.rotate:
+                self._rot = hadamard(new.shape[-1])
+        self.tail = torch.cat([self.tail, new.to(self.tail_dtype)], dim=-2)
+        self.total += new.shape[-2]
+        self._flush()
+        self._evict()
+
+    def _flush(self) -> None:
+        spec = self.spec
+        if not spec.quantized:
+            return
+        target = max(self.total - spec.residual_length, 0) // spec.tile.tokens * spec.tile.tokens
+        k = target - self.n_q
+        if k <= 0:
+            return
+        leaving, self.tail = self.tail[..., :k, :], self.tail[..., k:, :].clone()
+        block = self._encode(leaving)
+        if self.packed is None:
+            self.packed = block
+        else:
+            p = self.packed
+            self.packed = Quantized(
+                torch.cat([p.codes, block.codes], dim=-2),
+                torch.cat([p.scale, block.scale], dim=-2),
+                None if p.zero is None else torch.cat([p.zero, block.zero], dim=-2),
+            )
+        self.n_q = target
+
+    def _evict(self) -> None:
+        """Drop what a sliding-window layer can never attend to again, in whole tiles."""
+        if self.spec.window is None:
+            return
+        keep_from = max(self.total - (self.spec.window - 1), 0)
+        if not self.spec.quantized:
+            drop = keep_from - (self.total - self.tail.shape[-2])
+            if drop > 0:
+                self.tail = self.tail[..., drop:, :].clone()
+            return
+        tt = self.spec.tile.tokens
+        new_start = min(keep_from // tt * tt, self.n_q)
+        drop = new_start - self.q_start
+        if drop > 0:
+            p, rows = self.packed, drop // tt
+            self.packed = Quantized(
+                p.codes[..., drop:, :].clone(),
+                p.scale[..., rows:, :].clone(),
+                None if p.zero is None else p.zero[..., rows:, :].clone(),
+            )
+            self.q_start = new_start
+
+    # --- codec ------------------------------------------------------------------------------------
+    def _encode(self, x: torch.Tensor) -> Quantized:
+        x = x.float()
+        if self.mean is not None:
+            x = x - self.mean.float()
+        if self._rot is not None:
+            x = x @ self._rot
+        return quantize(x, self.spec.bits, self.spec.tile, self.spec.symmetric)
+
+    def _decode(self, q: Quantized) -> torch.Tensor:
+        needs_float = self._rot is not None or self.mean is not None
+        x = dequantize(
+            q, self.spec.bits, self.spec.tile, torch.float32 if needs_float else self.dtype
+        )
+        if self._rot is not None:
+            x = x @ self._rot.T
+        if self.mean is not None:
+            x = x + self.mean.float()
+        return x.to(self.dtype)
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    """One attention layer's cache: a K stream and a V stream."""
+
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, k_spec: StreamSpec, v_spec: StreamSpec, window: int | None):
+        super().__init__()
+        self.k_spec, self.v_spec, self.window = k_spec, v_spec, window
+        self.is_sliding = window is not None
+        self.k: KVStream | None = None
+        self.v: KVStream | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.k = KVStream(self.k_spec, self.dtype)
+        self.v = KVStream(self.v_spec, self.dtype)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = self._visible(self.k.history(), key_states)
+        values = self._visible(self.v.history(), value_states)
+        self.k.append(key_states)
+        self.v.append(value_states)
+        return keys, values
+
+    def _visible(self, history: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        if history is None:
+            return new
+        if self.window is not None:
+            history = (
+                history[..., -(self.window - 1) :, :] if self.window > 1 else history[..., :0, :]
+            )
+        return torch.cat([history, new], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return 0 if self.k is None else self.k.total
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        past = self.get_seq_length()
+        if self.window is None:
+            return past + query_length, 0
+        # Mirrors DynamicSlidingWindowLayer: the window holds the last window-1 past tokens.
+        kv_offset = max(past - self.window + 1, 0)
+        kv_length = (self.window - 1 if past >= self.window else past) + query_length
+        return kv_length, kv_offset
+
+    def get_max_length(self) -> int:
+        return -1 if self.window is None else self.window
+
+    def reset(self) -> None:
+        self.k = self.v = None
+        self.is_initialized = False
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes() + self.v.nbytes()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [] if self.k is None else self.k.tensors() + self.v.tensors()
+
+
+def layer_windows(model_config) -> list[int | None]:
+    """The sliding window of each decoder layer (None for global attention)."""
+    cfg = model_config.get_text_config()
+    n = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
+    window = getattr(cfg, "sliding_window", None)
+    return [window if t == "sliding_attention" and window else None for t in types]
+
+
+class QuantizedKVCache(Cache):
+    """The cache for one sequence batch under one `Config`."""
+
+    def __init__(self, model_config, config: Config, dtype: torch.dtype):
+        cfg = model_config.get_text_config()
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.config = config
+        layers = []
+        for idx, window in enumerate(layer_windows(model_config)):
+            k_spec, v_spec = stream_specs(config, idx, self.head_dim, window, dtype)
+            layers.append(QuantizedKVLayer(k_spec, v_spec, window))
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        """Measured: the sum of `nbytes` of every tensor the cache holds."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def modeled_nbytes(self, total: int, batch: int = 1) -> int:
+        """Modeled: the closed-form bytes after `total` tokens (see `StreamSpec.modeled_bytes`)."""
+        return sum(
+            spec.modeled_bytes(total, batch, self.kv_heads, self.head_dim)
+            for layer in self.layers
+            for spec in (layer.k_spec, layer.v_spec)
+        )

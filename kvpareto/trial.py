@@ -1,0 +1,125 @@
+"""One trial: a Config run on one model over tasks and context lengths, with honest metrics.
+
+This is the unit that `kvpareto eval` prints and that a search repeats. Accuracy is the mean over
+all samples with a Wilson interval; memory is measured (and modeled) on the longest prompt,
+which is what a deployment must hold; timing is prefill tokens/s and decode ms/token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from kvpareto.config import Config
+from kvpareto.engine import generate
+from kvpareto.memory import (
+    MemoryParts,
+    measure_prefill,
+    weights_bytes_measured,
+    weights_bytes_modeled,
+)
+from kvpareto.memory_model import modeled_activation_peak
+from kvpareto.models import LoadedModel
+from kvpareto.quant.kv_cache import QuantizedKVCache
+from kvpareto.stats import wilson
+from kvpareto.tasks import get_task
+
+
+def run_trial(
+    loaded: LoadedModel,
+    config: Config,
+    task_names: list[str],
+    context_lengths: list[int],
+    samples: int,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    model, tok = loaded.model, loaded.tokenizer
+    _check_lengths(loaded, context_lengths)
+    tasks = [get_task(name) for name in task_names]
+    work = [
+        (task, s)
+        for task in tasks
+        for length in context_lengths
+        for s in task.samples(tok, length, samples, seed)
+    ]
+    per_task: dict[str, list[bool]] = {t.name: [] for t in tasks}
+    prefill_tokens = prefill_s = decode_steps = decode_s = 0.0
+    for i, (task, sample) in enumerate(work):
+        ids = torch.tensor([sample.input_ids])
+        gen = generate(model, tok, ids, config, max_new_tokens=task.max_new_tokens)
+        if not all(math.isfinite(x) for x in (gen.prefill_s, gen.decode_s)):
+            raise RuntimeError("non-finite timing")
+        per_task[task.name].append(task.score(sample, gen.text))
+        prefill_tokens += gen.prompt_tokens
+        prefill_s += gen.prefill_s
+        decode_steps += gen.decode_steps
+        decode_s += gen.decode_s
+        if progress:
+            progress(i + 1, len(work))
+
+    longest = max(work, key=lambda w: len(w[1].input_ids))[1].input_ids
+    memory, modeled = _memory(loaded, config, longest)
+    hits = [ok for oks in per_task.values() for ok in oks]
+    acc = sum(hits) / len(hits)
+    return {
+        "model": loaded.spec.name,
+        "model_hash": loaded.model_hash,
+        "config": config.to_dict(),
+        "config_key": config.key(),
+        "label": config.label(),
+        "tasks": {
+            name: {
+                "accuracy": sum(oks) / len(oks),
+                "accuracy_ci": list(wilson(sum(oks), len(oks))),
+                "n": len(oks),
+                "task_hash": get_task(name).task_hash(context_lengths, samples, seed),
+            }
+            for name, oks in per_task.items()
+        },
+        "accuracy": acc,
+        "accuracy_ci": list(wilson(sum(hits), len(hits))),
+        "n": len(hits),
+        "context_lengths": context_lengths,
+        "longest_prompt_tokens": len(longest),
+        "memory": {**memory.to_dict(), "modeled": modeled.to_dict(), "measured": True},
+        "timing": {
+            "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
+            "decode_ms_per_token": 1000 * decode_s / decode_steps if decode_steps else None,
+        },
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _memory(
+    loaded: LoadedModel, config: Config, prompt: list[int]
+) -> tuple[MemoryParts, MemoryParts]:
+    model = loaded.model
+    ids = torch.tensor([prompt])
+    activation, kv = measure_prefill(model, ids, config)
+    dtype = next(model.parameters()).dtype
+    cache = QuantizedKVCache(model.config, config, dtype)
+    measured = MemoryParts(weights_bytes_measured(model), kv, activation)
+    modeled = MemoryParts(
+        weights_bytes_modeled(model),
+        cache.modeled_nbytes(len(prompt)),
+        modeled_activation_peak(model.config, config, len(prompt), dtype),
+    )
+    return measured, modeled
+
+
+def _check_lengths(loaded: LoadedModel, lengths: list[int]) -> None:
+    from kvpareto.errors import UserError
+
+    limit = loaded.spec.max_context
+    too_long = [n for n in lengths if limit and n + 32 > limit]
+    if too_long:
+        raise UserError(
+            f"context length {too_long[0]} does not fit {loaded.spec.name} "
+            f"(max {limit} tokens, including room for the answer)"
+        )

@@ -1,0 +1,25 @@
+"""Shared fixtures: models are loaded once per session (SmolLM2 conversion is cached on disk)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpareto.models import load_model
+
+TINY = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_grad():
+    torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model("smollm2-135m", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    return {name: load_model(name, dtype=torch.bfloat16) for name in TINY}

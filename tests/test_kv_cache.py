@@ -1,0 +1,179 @@
+"""The packed KV cache: exactness at 16 bits, faithful chunking, byte accounting, storage rules."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpareto.config import Config
+from kvpareto.quant.kv_cache import QuantizedKVCache
+from tests.conftest import TINY
+
+
+def _run_chunks(model, ids, cache, chunk):
+    step = chunk or ids.shape[1]
+    outs = [
+        model(ids[:, i : i + step], past_key_values=cache).logits
+        for i in range(0, ids.shape[1], step)
+    ]
+    return torch.cat(outs, dim=1)
+
+
+def _ids(n=100, seed=0):
+    return torch.randint(3, 259, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("chunk", [0, 16, 37])
+def test_16_bit_cache_matches_dynamic_cache(tiny_models, name, chunk):
+    model = tiny_models[name].model
+    ids = _ids()
+    ref = _run_chunks(model, ids, DynamicCache(config=model.config), chunk)
+    ours = _run_chunks(model, ids, QuantizedKVCache(model.config, Config(), torch.bfloat16), chunk)
+    assert (ref.float() - ours.float()).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_chunked_prefill_with_16_bit_cache_matches_unchunked(tiny_models, name):
+    # bf16 matmuls of different shapes round differently, so "same" means: same next token, and
+    # logits within the gap that DynamicCache itself shows between chunked and unchunked runs.
+    model = tiny_models[name].model
+    ids = _ids(120, seed=1)
+    full = _run_chunks(model, ids, QuantizedKVCache(model.config, Config(), torch.bfloat16), 0)[
+        :, -1
+    ]
+    chunked = _run_chunks(model, ids, QuantizedKVCache(model.config, Config(), torch.bfloat16), 32)[
+        :, -1
+    ]
+    assert torch.equal(full.argmax(-1), chunked.argmax(-1))
+    assert (full.float() - chunked.float()).abs().max() <= 2e-2
+
+
+def test_quantized_chunks_attend_to_their_own_kv_in_full_precision(tiny_models):
+    # With R = 0 and one chunk, the whole prompt sees only full-precision K/V: logits equal the
+    # 16-bit run. Split into two chunks, the second reads the first back quantized: they differ.
+    model = tiny_models["tiny-llama"].model
+    ids = _ids(64)
+    cfg = Config(k_bits=2, v_bits=2)
+    ref = _run_chunks(model, ids, DynamicCache(config=model.config), 0)
+    one = _run_chunks(model, ids, QuantizedKVCache(model.config, cfg, torch.bfloat16), 0)
+    two = _run_chunks(model, ids, QuantizedKVCache(model.config, cfg, torch.bfloat16), 32)
+    assert torch.equal(one, ref)
+    assert torch.equal(two[:, :32], ref[:, :32])
+    assert (two[:, 32:].float() - ref[:, 32:].float()).abs().max() > 1e-3
+
+
+_GRID = [
+    Config(),
+    Config(k_bits=8, v_bits=8),
+    Config(k_bits=4, v_bits=2, residual_length=32),
+    Config(k_bits=2, v_bits=2, k_granularity="per-channel", residual_length=32),
+    Config(
+        k_bits=4, v_bits=4, k_granularity="per-block", v_granularity="per-tensor", group_size=64
+    ),
+    Config(k_bits=2, v_bits=4, symmetric=True, group_size=128, residual_length=5),
+    Config(k_bits=4, v_bits=8, k_smooth=True, rotation="hadamard"),
+    Config.from_dict({"k_bits": 4, "v_bits": 4, "layer_bits": {0: {"k_bits": 16, "v_bits": 2}}}),
+]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("cfg", _GRID, ids=lambda c: c.label())
+def test_measured_kv_bytes_equal_modeled_bytes(tiny_models, name, cfg):
+    model = tiny_models[name].model
+    for length, chunk in itertools.product((1, 31, 100, 257), (0, 24)):
+        cache = QuantizedKVCache(model.config, cfg, torch.bfloat16)
+        _run_chunks(model, _ids(length), cache, chunk)
+        assert cache.nbytes() == cache.modeled_nbytes(length), (length, chunk)
+        # Decoding keeps them equal token by token.
+        for step in range(3):
+            model(_ids(1, seed=step), past_key_values=cache)
+            assert cache.nbytes() == cache.modeled_nbytes(length + step + 1)
+
+
+def test_low_bit_cache_really_holds_packed_integers(tiny_models):
+    model = tiny_models["tiny-llama"].model
+    cache = QuantizedKVCache(model.config, Config(k_bits=4, v_bits=2), torch.bfloat16)
+    _run_chunks(model, _ids(256), cache, 0)
+    layer = cache.layers[0]
+    assert layer.k.packed.codes.dtype == torch.uint8
+    assert layer.k.packed.codes.shape[-1] == 64 * 4 // 8
+    assert layer.v.packed.codes.shape[-1] == 64 * 2 // 8
+    assert layer.k.packed.scale.dtype == torch.float16
+    # 4-bit K + 2-bit V with fp16 scale/zero per 32 values: (4 + 2*16/32) + (2 + 2*16/32) bits.
+    values = 2 * 256 * 64  # kv_heads x tokens x head_dim, per stream
+    expected_per_layer = values * (4 + 1) // 8 + values * (2 + 1) // 8
+    assert cache.nbytes() == expected_per_layer * len(cache.layers)
+
+
+def test_history_is_never_requantized(tiny_models):
+    model = tiny_models["tiny-llama"].model
+    cache = QuantizedKVCache(
+        model.config, Config(k_bits=4, v_bits=4, residual_length=8), torch.bfloat16
+    )
+    _run_chunks(model, _ids(64), cache, 16)
+    before = cache.layers[1].k.packed
+    codes, scale = before.codes.clone(), before.scale.clone()
+    for step in range(20):
+        model(_ids(1, seed=step), past_key_values=cache)
+    after = cache.layers[1].k.packed
+    assert torch.equal(after.codes[..., : codes.shape[-2], :], codes)
+    assert torch.equal(after.scale[..., : scale.shape[-2], :], scale)
+
+
+def test_residual_window_keeps_the_last_r_tokens_exact(tiny_models):
+    model = tiny_models["tiny-llama"].model
+    r = 10
+    cache = QuantizedKVCache(
+        model.config, Config(k_bits=2, v_bits=2, residual_length=r), torch.bfloat16
+    )
+    ref = DynamicCache(config=model.config)
+    ids = _ids(50)
+    model(ids, past_key_values=cache)
+    model(ids, past_key_values=ref)
+    stream = cache.layers[2].k
+    assert stream.tail.shape[-2] == r and stream.n_q == 40
+    assert torch.equal(stream.tail, ref.layers[2].keys[..., -r:, :])
+    # R = 0: nothing stays in full precision with per-token quantization.
+    zero = QuantizedKVCache(model.config, Config(k_bits=2, v_bits=2), torch.bfloat16)
+    model(ids, past_key_values=zero)
+    assert zero.layers[2].k.tail.shape[-2] == 0
+
+
+def test_per_layer_bits_override_the_default(tiny_models):
+    model = tiny_models["tiny-llama"].model
+    cfg = Config.from_dict(
+        {"k_bits": 4, "v_bits": 4, "layer_bits": {1: {"k_bits": 8, "v_bits": 2}}}
+    )
+    cache = QuantizedKVCache(model.config, cfg, torch.bfloat16)
+    assert [(layer.k_spec.bits, layer.v_spec.bits) for layer in cache.layers] == [
+        (4, 4),
+        (8, 2),
+        (4, 4),
+        (4, 4),
+    ]
+
+
+def test_sliding_layers_hold_only_their_window(tiny_models):
+    model = tiny_models["tiny-gemma3"].model  # layers 0-2 slide over 32 tokens, layer 3 is global
+    cache = QuantizedKVCache(model.config, Config(), torch.bfloat16)
+    _run_chunks(model, _ids(200), cache, 50)
+    assert [layer.k.tail.shape[-2] for layer in cache.layers] == [31, 31, 31, 200]
+    assert cache.get_seq_length() == 200
+
+
+def test_rotation_and_smoothing_reduce_nothing_at_full_precision_residual(tiny_models):
+    # Both transforms are exactly invertible: with every token in the residual window, logits are
+    # those of the 16-bit cache; once tokens are quantized they still track it closely at 8 bits.
+    model = tiny_models["tiny-qwen2"].model
+    ids = _ids(40)
+    ref = _run_chunks(model, ids, DynamicCache(config=model.config), 8)
+    cfg = Config(k_bits=8, v_bits=8, k_smooth=True, rotation="hadamard", residual_length=64)
+    same = _run_chunks(model, ids, QuantizedKVCache(model.config, cfg, torch.bfloat16), 8)
+    assert torch.equal(same, ref)
+    cfg8 = Config(k_bits=8, v_bits=8, k_smooth=True, rotation="hadamard")
+    close = _run_chunks(model, ids, QuantizedKVCache(model.config, cfg8, torch.bfloat16), 8)
+    assert (close.float() - ref.float()).abs().max() < 0.1

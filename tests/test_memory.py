@@ -1,0 +1,54 @@
+"""Memory accounting: every part measured and modeled, and the two agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpareto.config import Config
+from kvpareto.memory import measure_prefill, weights_bytes_measured, weights_bytes_modeled
+from kvpareto.memory_model import modeled_activation_peak
+from kvpareto.quant.kv_cache import QuantizedKVCache
+from tests.conftest import TINY
+
+
+def _ids(n, vocab=40000):
+    return torch.randint(100, vocab, (1, n), generator=torch.Generator().manual_seed(n))
+
+
+@pytest.mark.parametrize("length", [1024, 4096])
+@pytest.mark.parametrize("chunk", [0, 512])
+def test_smollm2_activation_peak_measured_agrees_with_modeled(smollm2, length, chunk):
+    cfg = Config(k_bits=4, v_bits=4, chunk_size=chunk)
+    measured, kv = measure_prefill(smollm2.model, _ids(length), cfg)
+    modeled = modeled_activation_peak(smollm2.model.config, cfg, length, torch.bfloat16)
+    assert abs(modeled - measured) <= 0.10 * measured, (measured, modeled)
+    cache = QuantizedKVCache(smollm2.model.config, cfg, torch.bfloat16)
+    assert kv == cache.modeled_nbytes(length)
+
+
+def test_chunked_prefill_shrinks_the_measured_activation_peak(smollm2):
+    full, _ = measure_prefill(smollm2.model, _ids(2048), Config())
+    chunked, _ = measure_prefill(smollm2.model, _ids(2048), Config(chunk_size=256))
+    assert chunked < 0.5 * full
+
+
+def test_weights_bytes_count_tied_embeddings_once(smollm2):
+    model = smollm2.model
+    assert model.config.tie_word_embeddings
+    assert weights_bytes_measured(model) == weights_bytes_modeled(model)
+    buffers = sum(b.nbytes for b in model.buffers())  # the rotary inv_freq table
+    assert weights_bytes_measured(model) == 134_515_008 * 2 + buffers  # bf16 parameters
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_model_memory_figures(tiny_models, name, record_property):
+    model = tiny_models[name].model
+    cfg = Config(k_bits=4, v_bits=2, chunk_size=64)
+    measured, kv = measure_prefill(model, _ids(256, vocab=259), cfg)
+    modeled = modeled_activation_peak(model.config, cfg, 256, torch.bfloat16)
+    record_property("activation_measured", measured)
+    record_property("activation_modeled", modeled)
+    record_property("kv_bytes", kv)
+    assert kv == QuantizedKVCache(model.config, cfg, torch.bfloat16).modeled_nbytes(256)
+    assert measured > 0 and modeled > 0

@@ -1,0 +1,62 @@
+"""Accuracy under quantized caches on real weights (SmolLM2, ~1k-token pass-key prompts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpareto.config import Config
+from kvpareto.engine import generate
+from kvpareto.tasks import get_task
+
+KIVI = Config(
+    k_bits=2, v_bits=2, k_granularity="per-channel", v_granularity="per-token", residual_length=32
+)
+PER_TOKEN_2BIT = Config(
+    k_bits=2, v_bits=2, k_granularity="per-token", v_granularity="per-token", residual_length=32
+)
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    return get_task("niah").samples(smollm2.tokenizer, 1024, 10, seed=0)
+
+
+def _answers(smollm2, prompts, cfg):
+    task = get_task("niah")
+    outs = [
+        generate(smollm2.model, smollm2.tokenizer, torch.tensor([s.input_ids]), cfg, 8).text
+        for s in prompts
+    ]
+    return [task.score(s, o) for s, o in zip(prompts, outs, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def baseline(smollm2, prompts):
+    return _answers(smollm2, prompts, Config())
+
+
+def test_k8v8_per_token_keeps_every_baseline_answer(smollm2, prompts, baseline):
+    assert sum(baseline) >= 9
+    k8v8 = _answers(smollm2, prompts, Config(k_bits=8, v_bits=8))
+    assert all(q for q, b in zip(k8v8, baseline, strict=True) if b)
+
+
+@pytest.fixture(scope="module")
+def two_bit(smollm2, prompts):
+    return sum(_answers(smollm2, prompts, KIVI)), sum(_answers(smollm2, prompts, PER_TOKEN_2BIT))
+
+
+def test_two_bit_caches_lose_accuracy_against_the_baseline(two_bit, baseline):
+    kivi, per_token = two_bit
+    assert kivi < sum(baseline) or per_token < sum(baseline)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="recorded measurement (issue #3): on SmolLM2 per-channel K scored 6/10 and per-token K "
+    "9/10 at 2 bits, R=32; KIVI's ordering does not hold on this model",
+)
+def test_kivi_per_channel_keys_beat_per_token_keys_at_2_bits(two_bit):
+    kivi, per_token = two_bit
+    assert kivi > per_token
