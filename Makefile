@@ -54,7 +54,8 @@ report: setup
 	@echo "kvpareto report lands with issue #7; nothing to build yet." >&2; exit 1
 
 bench: model
-	$(BIN)/kvpareto bench --model $(MODEL)
+	$(BIN)/python -c "import optimum.quanto" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/kvpareto bench --model $(MODEL) --threads 2
 
 lint: setup
 	$(BIN)/ruff check .

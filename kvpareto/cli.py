@@ -174,6 +174,66 @@ def eval_command(
     _print_result(result)
 
 
+@app.command("bench")
+def bench_command(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model to benchmark."),
+    context_lengths: str = typer.Option("1024,4096", help="Comma-separated context lengths."),
+    steps: int = typer.Option(16, min=1, help="Decode steps per timed run."),
+    repeats: int = typer.Option(3, min=1, help="Timed runs per figure (the median is kept)."),
+    threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
+    dtype: str = typer.Option("bfloat16", help="Compute dtype."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure decode/prefill speed and activation peak as ratios against in-run baselines.
+
+    Example: kvpareto bench --model smollm2-135m --threads 2
+    """
+    import torch
+
+    from kvpareto.bench import run_bench
+    from kvpareto.models import load_model
+
+    lengths = _csv_ints(context_lengths, "--context-lengths")
+    if dtype not in _DTYPES:
+        raise UserError(f"--dtype must be one of bfloat16, float32, float16; got {dtype!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    with err.status(f"loading {model}"):
+        loaded = load_model(model, dtype=getattr(torch, _DTYPES[dtype]))
+    rows = run_bench(
+        loaded.model, lengths, steps, repeats, log=lambda m: err.print(m, highlight=False)
+    )
+    rows["model"], rows["threads"], rows["dtype"] = loaded.spec.name, torch.get_num_threads(), dtype
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    decode = Table(title=f"decode tokens/s, {rows['threads']} threads, {dtype}")
+    for col in ("context", "KV bits", "ours tok/s", "÷ DynamicCache", "÷ quanto-4"):
+        decode.add_column(col)
+    for r in rows["decode"]:
+        vs_q = f"{r['vs_quanto4']:.2f}x" if r["vs_quanto4"] else ""
+        decode.add_row(
+            str(r["context"]),
+            str(r["kv_bits"]),
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['vs_dynamic']:.2f}x",
+            vs_q,
+        )
+    out.print(decode)
+    pre = Table(title="prefill (4-bit cache) and measured activation peak")
+    for col in ("context", "chunk", "tok/s", "÷ unchunked", "activation peak MiB"):
+        pre.add_column(col)
+    for p, a in zip(rows["prefill"], rows["activation"], strict=True):
+        pre.add_row(
+            str(p["context"]),
+            str(p["chunk_size"] or "none"),
+            f"{p['tokens_per_s']:.0f}",
+            f"{p['vs_unchunked']:.2f}x",
+            _mib(a["activation_peak_bytes"]),
+        )
+    out.print(pre)
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 

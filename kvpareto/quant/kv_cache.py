@@ -17,8 +17,9 @@ Semantics (ARCHITECTURE.md, "Quantize on write, faithfully"):
 - Sliding-window layers (Gemma3 local layers) drop whole tiles once they fall out of the window.
 
 Storage: packed uint8 codes, fp16 scale and zero per tile, the tail in the compute dtype. A 16-bit
-stream stores the compute dtype when it is 16-bit, else fp16. Dequantizing the history happens per
-layer per step into a temporary; that temporary is activation memory, not KV memory.
+stream stores the compute dtype when it is 16-bit, else fp16. Each step dequantizes the history
+of one layer straight into the K/V tensor attention reads; that temporary is activation memory,
+not KV memory. (Keeping a dequantized copy between steps would be faster, and a lie about bytes.)
 """
 
 from __future__ import annotations
@@ -117,17 +118,22 @@ class KVStream:
         self.mean: torch.Tensor | None = None  # fp16 per-channel mean, fixed at first write
         self._rot: torch.Tensor | None = None
 
-    # --- reading --------------------------------------------------------------------------------
-    def history(self) -> torch.Tensor | None:
-        """Everything stored, dequantized to the compute dtype, oldest first."""
-        parts = []
-        if self.packed is not None and self.n_q > self.q_start:
-            parts.append(self._decode(self.packed))
-        if self.tail is not None and self.tail.shape[-2]:
-            parts.append(self.tail.to(self.dtype))
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    # --- the one entry point -----------------------------------------------------------------
+    def update(self, new: torch.Tensor) -> torch.Tensor:
+        """Return what attention sees, [stored history | new], then store `new`."""
+        if self.tail is None:
+            self._start(new)
+        if not self.spec.quantized and self.spec.window is None and self.tail_dtype == self.dtype:
+            # Exactly DynamicCache: one concatenation, and the stored tail is what attention sees.
+            self.tail = torch.cat([self.tail, new], dim=-2)
+            self.total += new.shape[-2]
+            return self.tail
+        visible = self._visible(new)
+        self.tail = torch.cat([self.tail, new.to(self.tail_dtype)], dim=-2)
+        self.total += new.shape[-2]
+        self._flush()
+        self._evict()
+        return visible
 
     def tensors(self) -> list[torch.Tensor]:
         held = [] if self.packed is None else self.packed.tensors()
@@ -137,18 +143,47 @@ class KVStream:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
 
+    # --- reading --------------------------------------------------------------------------------
+    def _visible(self, new: torch.Tensor) -> torch.Tensor:
+        """Build [history | new] in one preallocated tensor: the history is dequantized straight
+        into it, so decode pays one pass over the packed store and no concatenation of it."""
+        n_q, n_tail = self.n_q - self.q_start, self.tail.shape[-2]
+        history = n_q + n_tail
+        keep = history if self.spec.window is None else min(history, self.spec.window - 1)
+        *lead, n_new, d = new.shape
+        out = torch.empty(*lead, keep + n_new, d, dtype=self.dtype, device=new.device)
+        if keep == history:
+            if n_q:
+                self._decode_into(out[..., :n_q, :])
+            out[..., n_q:history, :] = self.tail
+        else:  # a sliding window cuts into the history: decode it all, keep the newest part
+            full = torch.empty(*lead, history, d, dtype=self.dtype, device=new.device)
+            if n_q:
+                self._decode_into(full[..., :n_q, :])
+            full[..., n_q:, :] = self.tail
+            out[..., :keep, :] = full[..., history - keep :, :]
+        out[..., keep:, :] = new
+        return out
+
+    def _decode_into(self, out: torch.Tensor) -> None:
+        bits, tile = self.spec.bits, self.spec.tile
+        if self._rot is None and self.mean is None:
+            dequantize(self.packed, bits, tile, self.dtype, out=out)
+            return
+        x = dequantize(self.packed, bits, tile, torch.float32)
+        if self._rot is not None:
+            x = x @ self._rot.T
+        if self.mean is not None:
+            x = x + self.mean.float()
+        out.copy_(x)
+
     # --- writing --------------------------------------------------------------------------------
-    def append(self, new: torch.Tensor) -> None:
-        if self.tail is None:
-            self.tail = new[..., :0, :].to(self.tail_dtype)
-            if self.spec.smooth:
-                self.mean = new.float().mean(dim=-2, keepdim=True).to(torch.float16)
-            if self.spec.rotate:
-                self._rot = hadamard(new.shape[-1])
-        self.tail = torch.cat([self.tail, new.to(self.tail_dtype)], dim=-2)
-        self.total += new.shape[-2]
-        self._flush()
-        self._evict()
+    def _start(self, new: torch.Tensor) -> None:
+        self.tail = new[..., :0, :].to(self.tail_dtype)
+        if self.spec.smooth:
+            self.mean = new.float().mean(dim=-2, keepdim=True).to(torch.float16)
+        if self.spec.rotate:
+            self._rot = hadamard(new.shape[-1])
 
     def _flush(self) -> None:
         spec = self.spec
@@ -202,17 +237,6 @@ class KVStream:
             x = x @ self._rot
         return quantize(x, self.spec.bits, self.spec.tile, self.spec.symmetric)
 
-    def _decode(self, q: Quantized) -> torch.Tensor:
-        needs_float = self._rot is not None or self.mean is not None
-        x = dequantize(
-            q, self.spec.bits, self.spec.tile, torch.float32 if needs_float else self.dtype
-        )
-        if self._rot is not None:
-            x = x @ self._rot.T
-        if self.mean is not None:
-            x = x + self.mean.float()
-        return x.to(self.dtype)
-
 
 class QuantizedKVLayer(CacheLayerMixin):
     """One attention layer's cache: a K stream and a V stream."""
@@ -236,20 +260,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys = self._visible(self.k.history(), key_states)
-        values = self._visible(self.v.history(), value_states)
-        self.k.append(key_states)
-        self.v.append(value_states)
-        return keys, values
-
-    def _visible(self, history: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-        if history is None:
-            return new
-        if self.window is not None:
-            history = (
-                history[..., -(self.window - 1) :, :] if self.window > 1 else history[..., :0, :]
-            )
-        return torch.cat([history, new], dim=-2)
+        return self.k.update(key_states), self.v.update(value_states)
 
     def get_seq_length(self) -> int:
         return 0 if self.k is None else self.k.total

@@ -64,11 +64,17 @@ class Quantized:
 
 
 def _round_f16(x: torch.Tensor, up: bool) -> torch.Tensor:
-    """Round fp32 to fp16 toward +inf (up) or -inf, so the fp16 value bounds x from that side."""
-    h = x.clamp(-_F16_MAX, _F16_MAX).to(torch.float16)
-    direction = torch.full_like(h, float("inf") if up else float("-inf"))
-    wrong_side = (h.float() < x) if up else (h.float() > x)
-    return torch.where(wrong_side, torch.nextafter(h, direction), h)
+    """Round fp32 to fp16 so that the result is >= x when `up`, else <= x.
+
+    Round to nearest, then redo only the values that landed on the wrong side with x nudged by
+    one fp16 ulp (2^-10 relative, plus the smallest subnormal); exact values stay exact.
+    """
+    x = x.clamp(-_F16_MAX, _F16_MAX)
+    nearest = x.to(torch.float16)
+    nudge = x.abs() * 2**-10 + 2**-24
+    if up:
+        return torch.where(nearest.float() < x, (x + nudge).to(torch.float16), nearest)
+    return torch.where(nearest.float() > x, (x - nudge).to(torch.float16), nearest)
 
 
 def _tiles(x: torch.Tensor, tile: TileShape) -> torch.Tensor:
@@ -99,15 +105,36 @@ def quantize(x: torch.Tensor, bits: int, tile: TileShape, symmetric: bool = Fals
     return Quantized(pack(codes, bits), scale.squeeze(-1).squeeze(-2), zero)
 
 
-def dequantize(q: Quantized, bits: int, tile: TileShape, dtype: torch.dtype) -> torch.Tensor:
+def _broadcast_views(x: torch.Tensor, tile: TileShape, per_tile: torch.Tensor):
+    """Views of x [..., T, D] and of a per-tile tensor [..., T/tt, D/tc] that broadcast with the
+    fewest dimensions: CPU kernels vectorize a flat broadcast far better than a 6-d one."""
+    *lead, t, d = x.shape
+    tt, tc = tile.tokens, tile.channels
+    if tt == 1:
+        return x.view(*lead, t, d // tc, tc), per_tile.view(*lead, t, d // tc, 1)
+    if tc == 1:
+        return x.view(*lead, t // tt, tt, d), per_tile.view(*lead, t // tt, 1, d)
+    return _tiles(x, tile), per_tile[..., :, None, :, None]
+
+
+def dequantize(
+    q: Quantized, bits: int, tile: TileShape, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Codes back to values in `dtype`, written into `out` ([..., T, D], may be a slice) if given.
+
+    Computed in `dtype` as code * scale + zero: in bf16 this adds rounding of the order of bf16's
+    own resolution, which the output has anyway. In-place ops on `out` avoid temporaries.
+    """
     codes = unpack(q.codes, bits)
-    ct = _tiles(codes, tile).float()
-    scale = q.scale.float()[..., :, None, :, None]
-    if q.zero is None:
-        out = (ct - 2 ** (bits - 1)) * scale
-    else:
-        out = ct * scale + q.zero.float()[..., :, None, :, None]
-    return out.reshape(codes.shape).to(dtype)
+    if out is None:
+        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    scale = q.scale.to(dtype)
+    zero = scale * -(2 ** (bits - 1)) if q.zero is None else q.zero.to(dtype)
+    view, scale_b = _broadcast_views(out, tile, scale)
+    _, zero_b = _broadcast_views(out, tile, zero)
+    view.copy_(codes.view(view.shape))
+    view.mul_(scale_b).add_(zero_b)
+    return out
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -125,9 +152,14 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     if per == 1:
         return packed
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    fields = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return fields.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    mask = 2**bits - 1
+    words = packed
+    if packed.shape[-1] % 4 == 0 and packed.is_contiguous():
+        # Shift and mask four bytes per int32 op: one scalar op per field, 4x fewer elements.
+        words, mask = packed.view(torch.int32), int.from_bytes(bytes([mask]) * 4, "little")
+    fields = [words & mask] + [(words >> (bits * i)) & mask for i in range(1, per)]
+    fields = [f.view(torch.uint8) for f in fields]
+    return torch.stack(fields, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
