@@ -27,25 +27,19 @@ $(STAMP): pyproject.toml
 model: setup
 	$(BIN)/kvpareto models pull $(MODEL)
 
-# Until `kvpareto search` lands (issue #6), the main job evaluates a fixed set of configurations
-# on the default model: the 16-bit baseline, then 8-, 4- and 2-bit caches and a chunked prefill.
-SEARCH_CONFIGS := \
-	"--k-bits 16 --v-bits 16" \
-	"--k-bits 8 --v-bits 8" \
-	"--k-bits 4 --v-bits 4" \
-	"--k-bits 4 --v-bits 2 --residual-length 32 --chunk-size 256" \
-	"--k-bits 2 --v-bits 2 --k-granularity per-channel --residual-length 32"
+# The main job: a multi-objective search of the default space on the default model. It resumes
+# if interrupted (same study name), prints the frontier, and leaves results under results/.
+SEARCH_FLAGS ?= --space search_spaces/default.yaml --context-length 2048 --task-lengths 1024,2048 \
+	--samples 5 --trials 24 --sampler nsga2 --seed 0 --study default
 
 search: model
-	mkdir -p $(RESULTS)/$(MODEL)/eval
-	@for flags in $(SEARCH_CONFIGS); do \
-		$(BIN)/kvpareto eval --model $(MODEL) --tasks niah --context-lengths 1024 --samples 10 $$flags || exit $$?; \
-	done
+	$(BIN)/kvpareto search --model $(MODEL) --out $(RESULTS) $(SEARCH_FLAGS)
 
+# A tiny-model search end to end in well under two minutes (what CI's smoke test also runs).
 smoke: setup
-	@for m in tiny-llama tiny-gemma3; do \
-		$(BIN)/kvpareto eval --model $$m --context-lengths 512 --samples 2 --k-bits 4 --v-bits 2 --chunk-size 64 || exit $$?; \
-	done
+	$(BIN)/kvpareto search --model tiny-llama --space search_spaces/smoke.yaml --tasks agreement \
+		--context-length 512 --samples 6 --trials 12 --study smoke --out $(RESULTS)
+	$(BIN)/kvpareto frontier $(RESULTS)/tiny-llama/smoke
 
 test: model
 	$(BIN)/python -m pytest

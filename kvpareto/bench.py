@@ -5,11 +5,12 @@ Targets live here, not in tests: tests check behaviour, wall time belongs to ben
 - ours at 4 bits over transformers' QuantizedCache with the quanto backend at 4 bits;
 - prefill tokens/s chunked over unchunked;
 - the measured activation peak against chunk size.
-Each decode rate is the median of `repeats` timed runs of `steps` greedy steps after one prefill.
+Decode rates are timed round-robin across caches (see `decode_rates`); the median is kept.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable
@@ -30,31 +31,41 @@ def _prompt(length: int) -> torch.Tensor:
     return torch.randint(100, 30000, (1, length), generator=torch.Generator().manual_seed(length))
 
 
+def _has_quanto() -> bool:
+    return importlib.util.find_spec("optimum") is not None and (
+        importlib.util.find_spec("optimum.quanto") is not None
+    )
+
+
 def _quanto_cache(model_config):
-    try:
-        import optimum.quanto  # noqa: F401
-    except ImportError:
-        return None
     from transformers import QuantizedCache
 
     return QuantizedCache(backend="quanto", config=model_config, nbits=4)
 
 
 @torch.inference_mode()
-def decode_rate(
-    model, make_cache: Callable, prompt: torch.Tensor, steps: int, repeats: int
-) -> float:
-    cache = make_cache()
-    token = prefill(model, prompt, cache, 0).argmax(-1)
-    model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(-1)
-        rates.append(steps / (time.perf_counter() - start))
-    return statistics.median(rates)
+def decode_rates(model, caches: dict[str, Callable], prompt: torch.Tensor, steps: int, rounds: int):
+    """Decode tokens/s for each cache, timed round-robin so that drift and warm-up hit all alike.
+
+    Every cache is prefilled once with the same prompt; each round then times `steps` greedy
+    steps on each cache in turn. The median over rounds is kept.
+    """
+    live = {}
+    for name, make in caches.items():
+        cache = make()
+        token = prefill(model, prompt, cache, 0).argmax(-1)
+        model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up
+        live[name] = (cache, token)
+    timings: dict[str, list[float]] = {name: [] for name in caches}
+    for _ in range(rounds):
+        for name, (cache, token) in live.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                token = out.logits[:, -1].argmax(-1)
+            timings[name].append(steps / (time.perf_counter() - start))
+            live[name] = (cache, token)
+    return {name: statistics.median(rates) for name, rates in timings.items()}
 
 
 @torch.inference_mode()
@@ -74,22 +85,17 @@ def run_bench(model, lengths: list[int], steps: int = 16, repeats: int = 3, log=
     rows: dict = {"decode": [], "prefill": [], "activation": []}
     for length in lengths:
         prompt = _prompt(length)
-        base = decode_rate(model, lambda: DynamicCache(config=model.config), prompt, steps, repeats)
-        log(f"{length}: DynamicCache decode {base:.1f} tok/s")
-        quanto = None
-        if _quanto_cache(model.config) is not None:
-            quanto = decode_rate(model, lambda: _quanto_cache(model.config), prompt, steps, repeats)
-            log(f"{length}: quanto-4 decode {quanto:.1f} tok/s")
+        caches: dict[str, Callable] = {"dynamic": lambda: DynamicCache(config=model.config)}
+        if _has_quanto():
+            caches["quanto4"] = lambda: _quanto_cache(model.config)
         for bits in KV_BITS:
             cfg = Config(k_bits=bits, v_bits=bits)
-            ours = decode_rate(
-                model,
-                lambda c=cfg: QuantizedKVCache(model.config, c, dtype),
-                prompt,
-                steps,
-                repeats,
-            )
-            log(f"{length}: ours k{bits}v{bits} decode {ours:.1f} tok/s")
+            caches[f"ours{bits}"] = lambda c=cfg: QuantizedKVCache(model.config, c, dtype)
+        rates = decode_rates(model, caches, prompt, steps, repeats)
+        base, quanto = rates["dynamic"], rates.get("quanto4")
+        log(f"{length}: decode tok/s " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+        for bits in KV_BITS:
+            ours = rates[f"ours{bits}"]
             rows["decode"].append(
                 {
                     "context": length,

@@ -30,7 +30,8 @@ app = typer.Typer(
 models_app = typer.Typer(help="List, inspect and install models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 
-out = Console()
+# Rich assumes 80 columns when output is not a terminal; tables read better a little wider.
+out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 
@@ -232,6 +233,172 @@ def bench_command(
             _mib(a["activation_peak_bytes"]),
         )
     out.print(pre)
+
+
+@app.command("search")
+def search_command(
+    model: list[str] = typer.Option(
+        ["smollm2-135m"], "--model", "-m", help="Model(s); repeat the flag."
+    ),
+    space: Path = typer.Option(Path("search_spaces/default.yaml"), help="Search-space YAML."),
+    tasks: str = typer.Option("niah", help="Comma-separated task names."),
+    context_length: int = typer.Option(2048, help="Context length at which memory is compared."),
+    task_lengths: str | None = typer.Option(
+        None, help="Prompt lengths for tasks (default: context)."
+    ),
+    samples: int = typer.Option(5, min=1, help="Samples per task and length."),
+    trials: int = typer.Option(24, help="Finished trials the study should hold."),
+    sampler: str = typer.Option("nsga2", help="nsga2, tpe, gp, grid or random."),
+    seed: int = typer.Option(0, help="Sampler and task-data seed."),
+    budget_mb: float | None = typer.Option(None, help="Memory budget in MB (a constraint)."),
+    study: str = typer.Option("default", help="Study name; re-running it resumes."),
+    storage: str | None = typer.Option(
+        None, help="sqlite:///FILE, journal:FILE or postgresql://..."
+    ),
+    workers: int = typer.Option(1, help="Local worker processes."),
+    out: Path = typer.Option(Path("results"), help="Output folder."),
+    objectives: str = typer.Option("memory,accuracy", help="memory,accuracy[,latency]"),
+    dtype: str = typer.Option("bfloat16", help="Compute dtype."),
+    threads: int | None = typer.Option(None, min=1, help="Torch CPU threads per worker."),
+) -> None:
+    """Search the memory/accuracy frontier of a model over a search space.
+
+    Example: kvpareto search --model smollm2-135m --space search_spaces/default.yaml --trials 24
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from kvpareto.search.study import SearchSettings, run_search
+    from kvpareto.space import load_space
+    from kvpareto.tasks import get_task
+
+    if dtype not in _DTYPES:
+        raise UserError(f"--dtype must be one of bfloat16, float32, float16; got {dtype!r}")
+    task_names = [t.strip() for t in tasks.split(",") if t.strip()]
+    for name in task_names:
+        get_task(name)
+    load_space(space)  # fail fast on a bad file, before any model loads
+    lengths = _csv_ints(task_lengths, "--task-lengths") if task_lengths else []
+    runs = [
+        SearchSettings(
+            model=m,
+            space_path=str(space),
+            tasks=task_names,
+            context_length=context_length,
+            trials=trials,
+            sampler=sampler,
+            seed=seed,
+            budget_mb=budget_mb,
+            study=study,
+            storage=storage,
+            workers=workers,
+            out=str(out),
+            objectives=[o.strip() for o in objectives.split(",")],
+            samples=samples,
+            lengths=lengths,
+            dtype=_DTYPES[dtype],
+            threads=threads,
+        )
+        for m in model
+    ]
+    for settings in runs:
+        settings.validate()
+    for settings in runs:
+        with Progress(
+            TextColumn("[bold]{task.fields[model]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("HV {task.fields[hv]:.3f}  {task.fields[last]}"),
+            console=err,
+        ) as bar:
+            job = bar.add_task("search", total=None, model=settings.model, hv=0.0, last="")
+
+            def progress(done, total, summary, label, job=job, bar=bar):
+                bar.update(
+                    job, completed=done, total=total, hv=summary["hypervolume"], last=label or ""
+                )
+
+            summary = run_search(settings, sys.argv, progress=progress)
+        _print_frontier(settings.model, summary)
+        typer.echo(f"results: {settings.study_dir()}")
+
+
+@app.command("frontier")
+def frontier_command(
+    folder: Path = typer.Argument(..., help="A study folder: results/<model>/<study>."),
+    compare_grid: Path | None = typer.Option(None, help="A grid study folder of the same model."),
+    as_json: bool = typer.Option(False, "--json", help="Print frontier.json."),
+) -> None:
+    """Print a study's frontier table. Example: kvpareto frontier results/smollm2-135m/default"""
+    summary = _read_frontier(folder)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        _print_frontier(folder.parent.name, summary)
+    if compare_grid is not None:
+        from kvpareto.search.compare import compare_to_grid
+
+        result = compare_to_grid(folder, compare_grid)
+        typer.echo(
+            f"sampler reached {result['fraction']:.1%} of the grid's hypervolume "
+            f"({result['grid_hypervolume']:.4f} over {result['grid_trials']} configs)"
+            + (
+                f"; 95% of it after {result['trials_to_95']} trials"
+                if result["trials_to_95"] is not None
+                else "; never 95% of it"
+            )
+        )
+
+
+def _read_frontier(folder: Path) -> dict:
+    path = folder / "frontier.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no frontier.json; run kvpareto search first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON") from None
+
+
+def _print_frontier(model: str, summary: dict) -> None:
+    base = summary.get("baseline")
+    table = Table(
+        title=f"{model}: Pareto frontier ({summary['complete']} complete, "
+        f"{summary['failed']} failed, {summary['infeasible']} over budget)",
+        caption=f"hypervolume {summary['hypervolume']:.4f} (reference: 1.1 x baseline memory, "
+        "accuracy 0); K = knee; ~ = CI overlaps a cheaper frontier point",
+    )
+    table.add_column("")
+    table.add_column("config", no_wrap=True)
+    for col in ("MB", "vs base", "acc", "95% CI", "Δ acc"):
+        table.add_column(col, no_wrap=True)
+    for e in summary["frontier"]:
+        mark = ("K" if e["knee"] else "") + ("~" if e["indistinguishable"] else "")
+        lo, hi = e["accuracy_ci"]
+        delta = e["delta_accuracy"]
+        table.add_row(
+            mark,
+            e["label"],
+            f"{e['total_bytes'] / 1e6:.1f}",
+            f"-{e['memory_reduction']:.1%}"
+            if e["memory_reduction"] >= 0
+            else f"+{-e['memory_reduction']:.1%}",
+            f"{e['accuracy']:.3f}",
+            f"[{lo:.2f}, {hi:.2f}]",
+            "" if delta is None else f"{delta:+.3f}",
+        )
+    out.print(table)
+    if base:
+        out.print(
+            f"baseline {base['label']}: {base['total_bytes'] / 1e6:.1f} MB, "
+            f"accuracy {base['accuracy']:.3f}"
+        )
 
 
 def _mib(n: int) -> str:

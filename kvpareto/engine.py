@@ -17,6 +17,10 @@ from kvpareto.config import Config
 from kvpareto.quant.kv_cache import QuantizedKVCache
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN or infinite logits under this configuration."""
+
+
 @dataclass
 class Generation:
     prompt_tokens: int
@@ -71,6 +75,8 @@ def generate(
 
     t0 = time.perf_counter()
     logits = prefill(model, input_ids, cache, config.chunk_size)
+    if not torch.isfinite(logits).all():
+        raise NonFiniteLogits(f"non-finite logits after prefill under {config.label()}")
     kv_bytes = cache.nbytes()
     t1 = time.perf_counter()
 

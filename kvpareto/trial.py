@@ -7,7 +7,6 @@ which is what a deployment must hold; timing is prefill tokens/s and decode ms/t
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -36,7 +35,9 @@ def run_trial(
     samples: int,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    memory_length: int | None = None,
 ) -> dict:
+    """Evaluate `config`; memory is taken at `memory_length` tokens, or the longest prompt."""
     model, tok = loaded.model, loaded.tokenizer
     _check_lengths(loaded, context_lengths)
     tasks = [get_task(name) for name in task_names]
@@ -46,14 +47,18 @@ def run_trial(
         for length in context_lengths
         for s in task.samples(tok, length, samples, seed)
     ]
+    for task, sample in work:
+        if task.needs_reference:
+            sample.answer = _reference(loaded, task, sample)
     per_task: dict[str, list[bool]] = {t.name: [] for t in tasks}
+    outcomes = []
     prefill_tokens = prefill_s = decode_steps = decode_s = 0.0
     for i, (task, sample) in enumerate(work):
         ids = torch.tensor([sample.input_ids])
         gen = generate(model, tok, ids, config, max_new_tokens=task.max_new_tokens)
-        if not all(math.isfinite(x) for x in (gen.prefill_s, gen.decode_s)):
-            raise RuntimeError("non-finite timing")
-        per_task[task.name].append(task.score(sample, gen.text))
+        correct = task.score(sample, gen.text)
+        per_task[task.name].append(correct)
+        outcomes.append({"task": task.name, **sample.meta, "correct": correct})
         prefill_tokens += gen.prompt_tokens
         prefill_s += gen.prefill_s
         decode_steps += gen.decode_steps
@@ -62,7 +67,13 @@ def run_trial(
             progress(i + 1, len(work))
 
     longest = max(work, key=lambda w: len(w[1].input_ids))[1].input_ids
-    memory, modeled = _memory(loaded, config, longest)
+    memory_prompt = longest
+    if memory_length:
+        # KV bytes and activations depend on the length only: any seeded tokens will do.
+        gen = torch.Generator().manual_seed(memory_length)
+        vocab = model.get_input_embeddings().num_embeddings
+        memory_prompt = torch.randint(3, vocab, (memory_length,), generator=gen).tolist()
+    memory, modeled = _memory(loaded, config, memory_prompt)
     hits = [ok for oks in per_task.values() for ok in oks]
     acc = sum(hits) / len(hits)
     return {
@@ -84,7 +95,9 @@ def run_trial(
         "accuracy_ci": list(wilson(sum(hits), len(hits))),
         "n": len(hits),
         "context_lengths": context_lengths,
+        "samples": outcomes,
         "longest_prompt_tokens": len(longest),
+        "memory_tokens": len(memory_prompt),
         "memory": {**memory.to_dict(), "modeled": modeled.to_dict(), "measured": True},
         "timing": {
             "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
@@ -94,6 +107,19 @@ def run_trial(
         "threads": torch.get_num_threads(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+_REFERENCES: dict[tuple, str] = {}
+
+
+def _reference(loaded: LoadedModel, task, sample) -> str:
+    """The 16-bit cache's greedy continuation of a prompt, computed once per model and prompt."""
+    key = (loaded.model_hash, task.name, task.version, tuple(sample.input_ids))
+    if key not in _REFERENCES:
+        ids = torch.tensor([sample.input_ids])
+        gen = generate(loaded.model, loaded.tokenizer, ids, Config(), task.max_new_tokens)
+        _REFERENCES[key] = gen.text
+    return _REFERENCES[key]
 
 
 def _memory(

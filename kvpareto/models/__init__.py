@@ -1,7 +1,14 @@
 """Models: the built-in catalog, loading from any source, and the converted-model cache."""
 
 from kvpareto.models.catalog import CATALOG, DEFAULT_MODEL, ModelSpec, known_names
-from kvpareto.models.loader import LoadedModel, is_installed, load_model, pull, resolve_spec
+from kvpareto.models.loader import (
+    LoadedModel,
+    is_installed,
+    load_model,
+    pull,
+    resolve_ref,
+    resolve_spec,
+)
 
 __all__ = [
     "CATALOG",
@@ -12,5 +19,6 @@ __all__ = [
     "known_names",
     "load_model",
     "pull",
+    "resolve_ref",
     "resolve_spec",
 ]

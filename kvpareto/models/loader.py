@@ -77,11 +77,34 @@ def resolve_spec(name: str) -> ModelSpec:
     raise UserError(f"unknown model {name!r}; known models: {', '.join(known_names())}")
 
 
+def resolve_ref(ref: str) -> tuple[str, object]:
+    """Classify a model reference without loading anything: ("catalog", ModelSpec),
+    ("gguf", Path), ("folder", Path) or ("hub", id). Unknown references are a UserError."""
+    if ref in CATALOG:
+        return "catalog", CATALOG[ref]
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        return "gguf", path
+    if path.is_dir():
+        if not path.joinpath("config.json").exists():
+            raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return "folder", path
+    if _HUB_ID.match(ref) and not path.exists():
+        return "hub", ref
+    raise UserError(
+        f"unknown model {ref!r}; known models: {', '.join(known_names())} "
+        "(or give a .gguf path, a Hugging Face folder, or a hub id like org/name)"
+    )
+
+
 def load_model(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load `ref`, which may be a catalog name, a .gguf path, an HF folder, or a hub id."""
     _quiet_transformers()
-    if ref in CATALOG:
-        spec = CATALOG[ref]
+    kind, value = resolve_ref(ref)
+    if kind == "catalog":
+        spec = value
         if spec.tiny:
             model, tok, identity = build_tiny(spec.arch, dtype)
             return LoadedModel(model, tok, spec, identity)
@@ -90,24 +113,14 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
                 raise UserError(f"{ref} is opt-in; install it first: kvpareto models pull {ref}")
             pull(ref)
         return _load_converted(spec.gguf.sha256, spec, dtype)
-    path = Path(ref).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UserError(f"GGUF file not found: {path}")
-        sha = sources.sha256_file(path)
+    if kind == "gguf":
+        sha = sources.sha256_file(value)
         if not converted_dir(sha).joinpath(_MARKER).exists():
-            _convert_gguf(path, sha, path.stem)
+            _convert_gguf(value, sha, value.stem)
         return _load_converted(sha, None, dtype)
-    if path.is_dir():
-        if not path.joinpath("config.json").exists():
-            raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
-        return _load_hf(str(path), _folder_hash(path), dtype)
-    if _HUB_ID.match(ref):
-        return _load_hf(ref, f"hub:{ref}", dtype)
-    raise UserError(
-        f"unknown model {ref!r}; known models: {', '.join(known_names())} "
-        "(or give a .gguf path, a Hugging Face folder, or a hub id like org/name)"
-    )
+    if kind == "folder":
+        return _load_hf(str(value), _folder_hash(value), dtype)
+    return _load_hf(value, f"hub:{value}", dtype)
 
 
 def _convert_gguf(gguf_path: Path, sha256: str, name: str) -> None:

@@ -27,6 +27,9 @@ class Task:
     name: str = ""
     version: int = 1
     max_new_tokens: int = 16
+    # When True, each sample's answer is the unquantized model's own greedy continuation, filled
+    # in by the trial runner (tasks never run the model themselves).
+    needs_reference: bool = False
 
     def samples(self, tokenizer, context_length: int, n: int, seed: int) -> list[Sample]:
         raise NotImplementedError
@@ -49,7 +52,7 @@ def register_task(name: str):
 
 
 def get_task(name: str) -> Task:
-    from kvpareto.tasks import niah  # noqa: F401  (registers itself)
+    from kvpareto.tasks import agreement, niah  # noqa: F401  (they register themselves)
 
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")

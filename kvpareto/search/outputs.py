@@ -1,0 +1,202 @@
+"""What a study leaves on disk under `results/<model>/<study>/`, and the frontier summary.
+
+- `trials.parquet` and `trials.csv`: one row per trial (config columns, accuracy and CI, memory
+  parts measured and modeled, timing, status, error, whether it came from the trial cache);
+- `frontier.json`: the Pareto-optimal feasible trials, cheapest first, with the baseline, the knee,
+  the "indistinguishable" marks and the hypervolume;
+- `study.json`: the command, versions, seed, space hash, hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from kvpareto.search.frontier import Point, hypervolume, indistinguishable, knee, pareto_front
+
+BASELINE_LABEL_PREFIX = "w16-k16v16"
+
+
+def trial_rows(study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        mem = a.get("memory") or {}
+        modeled = mem.get("modeled") or {}
+        config = a.get("config") or a.get("fixed_config") or {}
+        row = {
+            "trial": t.number,
+            "state": t.state.name,
+            "label": a.get("label"),
+            "config_key": None,
+            **{
+                f"cfg_{k}": (json.dumps(v) if isinstance(v, dict) else v) for k, v in config.items()
+            },
+            "accuracy": a.get("accuracy"),
+            "accuracy_lo": (a.get("accuracy_ci") or [None, None])[0],
+            "accuracy_hi": (a.get("accuracy_ci") or [None, None])[1],
+            "feasible": all(v <= 0 for v in t.constraints.values())
+            if t.state.name == "COMPLETE"
+            else None,
+            "cached": a.get("cached"),
+            "error": a.get("error"),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+            "prefill_tokens_per_s": (a.get("timing") or {}).get("prefill_tokens_per_s"),
+            "decode_ms_per_token": (a.get("timing") or {}).get("decode_ms_per_token"),
+        }
+        for part in ("weights_bytes", "kv_bytes", "activation_peak_bytes", "total_bytes"):
+            row[part] = mem.get(part)
+            row[f"modeled_{part}"] = modeled.get(part)
+        if config:
+            from kvpareto.config import Config
+
+            row["config_key"] = Config.from_dict(config).key()
+        rows.append(row)
+    return rows
+
+
+def frontier_summary(rows: list[dict]) -> dict:
+    """The frontier of complete, feasible trials, with baseline, knee, marks and hypervolume."""
+    done = [r for r in rows if r["state"] == "COMPLETE" and r["total_bytes"] is not None]
+    feasible = [r for r in done if r["feasible"]]
+    by_key = {}
+    for r in sorted(feasible, key=lambda r: r["trial"]):
+        by_key.setdefault(r["config_key"], r)  # one point per distinct config
+    points = [
+        Point(k, r["total_bytes"], r["accuracy"], (r["accuracy_lo"], r["accuracy_hi"]))
+        for k, r in by_key.items()
+    ]
+    baseline = next((r for r in done if (r["label"] or "").startswith(BASELINE_LABEL_PREFIX)), None)
+    base_mem = baseline["total_bytes"] if baseline else max((p.memory for p in points), default=1)
+    front = pareto_front(points)
+    knee_point = knee(front, base_mem)
+    same = indistinguishable(front)
+    entries = []
+    for p in front:
+        r = by_key[p.key]
+        entries.append(
+            {
+                "trial": r["trial"],
+                "label": r["label"],
+                "config": {k[4:]: _plain(v) for k, v in r.items() if k.startswith("cfg_")},
+                "config_key": p.key,
+                "total_bytes": r["total_bytes"],
+                "memory": {
+                    part: r[part]
+                    for part in (
+                        "weights_bytes",
+                        "kv_bytes",
+                        "activation_peak_bytes",
+                        "total_bytes",
+                    )
+                },
+                "modeled_memory": {
+                    part: r[f"modeled_{part}"]
+                    for part in (
+                        "weights_bytes",
+                        "kv_bytes",
+                        "activation_peak_bytes",
+                        "total_bytes",
+                    )
+                },
+                "memory_reduction": 1 - p.memory / base_mem,
+                "accuracy": p.accuracy,
+                "accuracy_ci": list(p.ci),
+                "delta_accuracy": p.accuracy - baseline["accuracy"] if baseline else None,
+                "knee": knee_point is not None and p.key == knee_point.key,
+                "indistinguishable": p.key in same,
+            }
+        )
+    return {
+        "baseline": None
+        if baseline is None
+        else {
+            "trial": baseline["trial"],
+            "label": baseline["label"],
+            "total_bytes": baseline["total_bytes"],
+            "accuracy": baseline["accuracy"],
+            "accuracy_ci": [baseline["accuracy_lo"], baseline["accuracy_hi"]],
+        },
+        "hypervolume": hypervolume(front, base_mem),
+        "hypervolume_reference": {"memory_fraction_of_baseline": 1.1, "accuracy": 0.0},
+        "trials": len(rows),
+        "complete": len(done),
+        "failed": sum(r["state"] == "FAIL" for r in rows),
+        "infeasible": len(done) - len(feasible),
+        "frontier": entries,
+    }
+
+
+def _plain(value):
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(study, folder: Path, facts: dict) -> dict:
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = trial_rows(study)
+    frame = pd.DataFrame(rows)
+    tmp = folder / "trials.parquet.tmp"
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, folder / "trials.parquet")
+    _atomic_write(folder / "trials.csv", frame.to_csv(index=False))
+    summary = frontier_summary(rows)
+    _atomic_write(folder / "frontier.json", json.dumps(summary, indent=2))
+    _atomic_write(folder / "study.json", json.dumps(facts, indent=2))
+    return summary
+
+
+def study_facts(settings, space, command: list[str]) -> dict:
+    import optuna
+    import torch
+    import transformers
+
+    from kvpareto import __version__
+
+    return {
+        "command": command,
+        "model": settings.model,
+        "study": settings.study,
+        "space": {"path": settings.space_path, "name": space.name, "hash": space.source_hash},
+        "tasks": settings.tasks,
+        "task_lengths": settings.task_lengths,
+        "samples": settings.samples,
+        "context_length": settings.context_length,
+        "sampler": settings.sampler,
+        "seed": settings.seed,
+        "budget_mb": settings.budget_mb,
+        "objectives": settings.objectives,
+        "dtype": settings.dtype,
+        "versions": {
+            "kvpareto": __version__,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "optuna": optuna.__version__,
+        },
+        "hardware": {
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "baseline_note": (
+            "registry GGUF weights were 4-bit upstream; the float baseline carries that noise"
+        ),
+    }

@@ -1,0 +1,95 @@
+"""Where a study lives: Optuna storage URLs and the on-disk trial cache.
+
+- SQLite by default, one file per study under `results/<model>/<study>/study.db`;
+- a journal file (`study.journal`) when `--workers K > 1` local processes share the study, since
+  SQLite locks badly under concurrent writers;
+- any `postgresql://` URL for workers on many machines (Optuna's RDB storage coordinates them).
+
+The trial cache maps (config, tasks, model, evaluation settings) to a finished trial record, as
+one JSON file per key, written to a temporary name and renamed so readers never see half a file.
+It is shared by every study of a model, so a re-run or a duplicate proposal costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from kvpareto.errors import UserError
+
+_POSTGRES = ("postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://")
+
+
+def check_storage(url: str | None, workers: int) -> None:
+    """Reject a storage URL we cannot use, before any work starts."""
+    if url is None or url.startswith(("journal:", *_POSTGRES)):
+        return
+    if url.startswith("sqlite:///"):
+        if workers > 1:
+            raise UserError(
+                "SQLite cannot serve parallel workers; use --storage journal:FILE or postgresql://"
+            )
+        return
+    raise UserError(
+        f"unsupported --storage {url!r}; use sqlite:///FILE, journal:FILE or postgresql://USER@HOST/DB"
+    )
+
+
+def resolve_storage(url: str | None, study_dir: Path, workers: int):
+    """Return an Optuna storage (object or URL) for `url`, or the default for `workers`."""
+    import optuna
+
+    check_storage(url, workers)
+    if url is None:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        if workers > 1:
+            return _journal(study_dir / "study.journal")
+        return f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if workers > 1:
+            raise UserError(
+                "SQLite cannot serve parallel workers; use --storage journal:FILE or postgresql://"
+            )
+        return url
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _journal(path)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except ImportError:
+        raise UserError("PostgreSQL storage needs psycopg: pip install 'psycopg[binary]'") from None
+    except Exception as e:  # noqa: BLE001  (SQLAlchemy raises many kinds; all mean "cannot connect")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot open --storage {url}: {first}") from None
+
+
+def _journal(path: Path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+class TrialCache:
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        try:
+            return json.loads(self._path(key).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def put(self, key: str, record: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, self._path(key))

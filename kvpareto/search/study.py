@@ -1,0 +1,379 @@
+"""`kvpareto search`: a multi-objective Optuna study per model over a search space.
+
+Each trial is one Config evaluated by `trial.run_trial`: objectives are total memory in MB at the
+declared context length (minimize) and mean accuracy (maximize), optionally decode latency. The
+memory budget is a constraint, set with `trial.set_constraint` (feasible when <= 0).
+
+Reliability rules:
+- Baselines are enqueued first: the 16-bit cache, then the space's own `baselines`.
+- Results are cached by (config, tasks, model, settings): duplicates and re-runs cost nothing.
+- A trial that raises (out of memory, NaN logits, a bug) is recorded FAIL with its reason; the
+  search goes on.
+- Re-running the same study resumes it: trials left RUNNING by a killed process are marked FAIL
+  and their config is enqueued again, so at most one trial is redone per dead worker. Only local
+  storages are cleaned this way (their workers all belong to this command); PostgreSQL studies
+  shared by many machines are left alone.
+- `--trials N` is the number of finished trials the study should hold; K local workers split
+  the remainder exactly, so they finish N between them.
+- Ctrl-C stops after the current trial; a second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvpareto.config import Config
+from kvpareto.errors import UserError
+from kvpareto.search.store import TrialCache, check_storage, resolve_storage
+from kvpareto.space import SearchSpace, canonical
+
+SAMPLERS = ("nsga2", "tpe", "gp", "grid", "random")
+OBJECTIVES = ("memory", "accuracy", "latency")
+
+
+@dataclass
+class SearchSettings:
+    model: str
+    space_path: str
+    tasks: list[str]
+    context_length: int
+    trials: int
+    sampler: str = "nsga2"
+    seed: int = 0
+    budget_mb: float | None = None
+    study: str = "default"
+    storage: str | None = None
+    workers: int = 1
+    out: str = "results"
+    objectives: list[str] = field(default_factory=lambda: ["memory", "accuracy"])
+    samples: int = 5
+    lengths: list[int] = field(default_factory=list)  # task prompt lengths; default: context
+    dtype: str = "bfloat16"
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if (
+            bad
+            or self.objectives[:2] != ["memory", "accuracy"]
+            or len(set(self.objectives)) != len(self.objectives)
+        ):
+            raise UserError("--objectives must be memory,accuracy or memory,accuracy,latency")
+        if self.trials < 1:
+            raise UserError(f"--trials must be at least 1; got {self.trials}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1; got {self.workers}")
+        if self.budget_mb is not None and not self.budget_mb > 0:
+            raise UserError(f"--budget-mb must be a positive number of MB; got {self.budget_mb}")
+        if self.context_length < 64:
+            raise UserError(
+                f"--context-length must be at least 64 tokens; got {self.context_length}"
+            )
+        if any(n > self.context_length for n in self.lengths):
+            raise UserError("task lengths cannot exceed --context-length")
+        if not self.study or any(c in self.study for c in "/\\ "):
+            raise UserError(
+                f"--study must be a plain name (no slashes or spaces); got {self.study!r}"
+            )
+        check_storage(self.storage, self.workers)
+        from kvpareto.models import resolve_ref
+
+        kind, spec = resolve_ref(self.model)
+        limit = spec.max_context if kind == "catalog" else 0
+        if limit and self.context_length + 32 > limit:
+            raise UserError(
+                f"--context-length {self.context_length} does not fit {self.model} (max {limit})"
+            )
+
+    @property
+    def task_lengths(self) -> list[int]:
+        return self.lengths or [self.context_length]
+
+    def study_dir(self) -> Path:
+        return Path(self.out) / self.model.replace("/", "_") / self.study
+
+
+def eval_key(config: Config, model_hash: str, s: SearchSettings) -> str:
+    """Identity of one evaluation: the trial cache key (task hashes enter through tasks+lengths)."""
+    from kvpareto.tasks import get_task
+
+    tasks = [get_task(t).task_hash(s.task_lengths, s.samples, s.seed) for t in s.tasks]
+    blob = json.dumps([config.key(), model_hash, tasks, s.context_length, s.dtype], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class _StopRequests:
+    """First Ctrl-C: finish the current trial, then stop. Second: stop now."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def make_sampler(name: str, seed: int, n_objectives: int):
+    import optuna
+
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6)
+    return optuna.samplers.RandomSampler(seed=seed)  # "random", and "grid" (all enqueued)
+
+
+def _fixed(config: Config) -> dict:
+    return {"fixed_config": config.to_dict()}
+
+
+class Search:
+    """One model's study: owns the Optuna study, the trial cache and the loaded model."""
+
+    def __init__(self, settings: SearchSettings, space: SearchSpace):
+        import optuna
+
+        self.s = settings
+        self.space = space
+        self.dir = settings.study_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cache = TrialCache(
+            Path(settings.out) / settings.model.replace("/", "_") / "trial-cache"
+        )
+        self.local_storage = settings.storage is None or not settings.storage.startswith(
+            "postgresql"
+        )
+        storage = resolve_storage(settings.storage, self.dir, settings.workers)
+        directions = ["minimize", "maximize"] + (
+            ["minimize"] if "latency" in settings.objectives else []
+        )
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures show in our table
+        self.study = optuna.create_study(
+            study_name=f"{settings.study}:{settings.model}",
+            storage=storage,
+            directions=directions,
+            sampler=make_sampler(settings.sampler, settings.seed, len(directions)),
+            load_if_exists=True,
+        )
+        self.loaded = None
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def finished(self) -> int:
+        from optuna.trial import TrialState
+
+        states = (TrialState.COMPLETE, TrialState.FAIL)
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
+    def prepare(self) -> int:
+        """Enqueue baselines (first run) or recover a killed run; return the trials left to run."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        if not trials:
+            first = [canonical(Config())] + list(self.space.baselines)
+            if self.s.sampler == "grid":
+                first += self.space.grid()
+            seen = set()
+            for cfg in first:
+                if cfg.key() not in seen:
+                    seen.add(cfg.key())
+                    self.study.enqueue_trial({}, user_attrs=_fixed(cfg))
+        elif self.local_storage:
+            for t in trials:
+                if t.state == TrialState.RUNNING:
+                    storage = self.study._storage
+                    storage.set_trial_user_attr(
+                        t._trial_id, "error", "interrupted: its worker stopped mid-trial"
+                    )
+                    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                    redo = t.user_attrs.get("config")
+                    if redo:
+                        self.study.enqueue_trial({}, user_attrs={"fixed_config": redo})
+        target = self.s.trials
+        if self.s.sampler == "grid":
+            target = max(target, len([t for t in self.study.get_trials(deepcopy=False)]))
+        return max(target - self.finished(), 0)
+
+    # --- running -------------------------------------------------------------------------------
+    def load_model(self):
+        import torch
+
+        from kvpareto.models import load_model
+
+        if self.s.threads:
+            torch.set_num_threads(self.s.threads)
+        self.loaded = load_model(self.s.model, dtype=getattr(torch, self.s.dtype))
+        limit = self.loaded.spec.max_context
+        if limit and self.s.context_length + 32 > limit:
+            length = self.s.context_length
+            raise UserError(f"--context-length {length} does not fit {self.s.model} (max {limit})")
+
+    def objective(self, trial):
+        from kvpareto.trial import run_trial
+
+        fixed = trial.user_attrs.get("fixed_config")
+        config = Config.from_dict(fixed) if fixed else self.space.suggest(trial)
+        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("label", config.label())
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        key = eval_key(config, self.loaded.model_hash, self.s)
+        record = self.cache.get(key)
+        trial.set_user_attr("cached", record is not None)
+        if record is None:
+            try:
+                record = run_trial(
+                    self.loaded,
+                    config,
+                    self.s.tasks,
+                    self.s.task_lengths,
+                    self.s.samples,
+                    self.s.seed,
+                    memory_length=self.s.context_length,
+                )
+            except Exception as e:  # noqa: BLE001  (any failure is recorded and the search goes on)
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
+                raise
+            self.cache.put(key, record)
+        for name in ("accuracy", "accuracy_ci", "memory", "timing", "tasks", "samples"):
+            trial.set_user_attr(name, record[name])
+        memory_mb = record["memory"]["total_bytes"] / 1e6
+        budget = self.s.budget_mb
+        trial.set_constraint("memory_budget_mb", memory_mb - budget if budget else -1.0)
+        values = [memory_mb, record["accuracy"]]
+        if "latency" in self.s.objectives:
+            values.append(record["timing"]["decode_ms_per_token"] or 0.0)
+        return values
+
+    def run(
+        self, n_trials: int | None, on_trial=None, stop=None, target: int | None = None
+    ) -> None:
+        """Run trials in this process until `n_trials` ran here (failed ones count) or, when
+        `target` is given, until the study holds `target` finished trials from any worker."""
+        if self.loaded is None:
+            self.load_model()
+
+        def after(study, frozen):
+            if on_trial:
+                on_trial(frozen)
+            if (stop is not None and stop.requested) or (target and self.finished() >= target):
+                study.stop()
+
+        if target and self.finished() >= target:
+            return
+        self.study.optimize(
+            self.objective,
+            n_trials=n_trials,
+            catch=(Exception,),
+            callbacks=[after],
+            gc_after_trial=False,
+            show_progress_bar=False,
+        )
+
+
+class _EventStop:
+    """A worker's view of the parent's stop request (a shared multiprocessing Event)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+
+def _worker(settings: SearchSettings, n_trials: int | None, stop_event) -> None:
+    """Entry point of one local worker process (spawned): run its share of trials, or, on a
+    shared PostgreSQL study, trials until the study holds `settings.trials`."""
+    from kvpareto.space import load_space
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    search = Search(settings, load_space(settings.space_path))
+    target = None if search.local_storage else settings.trials
+    search.run(n_trials, stop=_EventStop(stop_event), target=target)
+
+
+def run_search(settings: SearchSettings, command: list[str], progress=None) -> dict:
+    """Run (or resume) one model's study to `settings.trials` finished trials; write outputs.
+
+    `progress(done, total, summary, last_label)` is called after every finished trial.
+    """
+    from kvpareto.search.outputs import frontier_summary, study_facts, trial_rows, write_outputs
+    from kvpareto.space import load_space
+
+    settings.validate()
+    space = load_space(settings.space_path)
+    search = Search(settings, space)
+    remaining = search.prepare()
+    search.load_model()
+    facts = study_facts(settings, space, command)
+    total = search.finished() + remaining
+
+    def report(label):
+        summary = write_outputs(search.study, search.dir, facts)
+        if progress:
+            progress(search.finished(), total, summary, label)
+
+    if progress:
+        progress(search.finished(), total, frontier_summary(trial_rows(search.study)), None)
+    on_trial = lambda t: report(t.user_attrs.get("label"))  # noqa: E731
+    with _StopRequests() as stop:
+        if not search.local_storage and settings.workers == 1:
+            # Other machines share this study: run until it holds N trials, whoever ran them.
+            search.run(None, on_trial=on_trial, stop=stop, target=settings.trials)
+        elif settings.workers == 1 or remaining <= 1:
+            search.run(remaining, on_trial=on_trial, stop=stop)
+        else:
+            _run_workers(search, settings, remaining, stop, report)
+    return write_outputs(search.study, search.dir, facts)
+
+
+def _run_workers(search: Search, settings: SearchSettings, remaining: int, stop, report) -> None:
+    import multiprocessing as mp
+
+    workers = min(settings.workers, remaining)
+    shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
+    if not search.local_storage:
+        shares = [None] * workers  # a shared study: each runs until the study holds N
+    ctx = mp.get_context("spawn")
+    stop_event = ctx.Event()
+    procs = [ctx.Process(target=_worker, args=(settings, n, stop_event)) for n in shares]
+    for p in procs:
+        p.start()
+    seen = search.finished()
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            if stop.requested:
+                stop_event.set()  # each worker stops after its current trial
+            done = search.finished()
+            if done != seen:
+                seen = done
+                last = search.study.get_trials(deepcopy=False)[-1]
+                report(last.user_attrs.get("label"))
+    finally:  # reached at once on a second Ctrl-C: stop the workers now
+        for p in procs:
+            if p.is_alive() and stop.requested:
+                p.kill()
+            p.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed and not stop.requested:
+        raise RuntimeError(f"{len(failed)} worker(s) exited with codes {failed}")

@@ -1,0 +1,90 @@
+"""Malformed input, table-driven: each case is one line on stderr, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "kvpareto.cli"]
+GOOD_SPACE = "params:\n  k_bits: [4, 8]\n"
+
+# (name, space YAML or None for the good one, extra args, a word the message must contain)
+CASES = [
+    ("yaml syntax", "params:\n  k_bits: [4, 8\n", [], "line"),
+    ("yaml not a mapping", "- 1\n- 2\n", [], "mapping"),
+    ("no params", "name: x\n", [], "params"),
+    ("empty params", "params: {}\n", [], "params"),
+    ("unknown section", "params:\n  k_bits: 4\nfoo: 1\n", [], "foo"),
+    ("unknown knob", "params:\n  k_bitz: [4]\n", [], "k_bitz"),
+    ("bad bits", "params:\n  k_bits: [3, 4]\n", [], "line 2"),
+    ("bad granularity", "params:\n  k_granularity: per-row\n", [], "k_granularity"),
+    ("bad group", "params:\n  k_bits: 4\n  group_size: [48]\n", [], "group_size"),
+    ("nested value", "params:\n  k_bits: [[4]]\n", [], "scalar"),
+    ("repeated value", "params:\n  k_bits: [4, 4]\n", [], "twice"),
+    ("empty list", "params:\n  k_bits: []\n", [], "k_bits"),
+    ("bad baseline", GOOD_SPACE + "baselines:\n  - {k_bits: 5}\n", [], "baselines"),
+    ("baseline not mapping", GOOD_SPACE + "baselines:\n  - 4\n", [], "baselines"),
+    ("missing space file", None, ["--space", "/no/such/space.yaml"], "not found"),
+    ("unknown model", None, ["--model", "no-such-model"], "known models"),
+    ("missing gguf", None, ["--model", "/no/such/model.gguf"], "not found"),
+    ("unknown sampler", None, ["--sampler", "annealing"], "sampler"),
+    ("bad objectives", None, ["--objectives", "accuracy,memory"], "objectives"),
+    ("unknown objective", None, ["--objectives", "memory,accuracy,joy"], "objectives"),
+    ("zero trials", None, ["--trials", "0"], "trials"),
+    ("zero workers", None, ["--workers", "0"], "workers"),
+    ("negative budget", None, ["--budget-mb", "-5"], "budget"),
+    ("non-numeric budget", None, ["--budget-mb", "lots"], "budget"),
+    ("tiny context", None, ["--context-length", "10"], "context"),
+    ("context beyond model", None, ["--context-length", "100000"], "fit"),
+    ("task longer than context", None, ["--task-lengths", "4096"], "exceed"),
+    ("bad task lengths", None, ["--task-lengths", "1k"], "task-lengths"),
+    ("unknown task", None, ["--tasks", "nope"], "known tasks"),
+    ("study with slash", None, ["--study", "a/b"], "study"),
+    ("bad storage scheme", None, ["--storage", "mongodb://x"], "storage"),
+    ("sqlite with workers", None, ["--storage", "sqlite:///x.db", "--workers", "2"], "SQLite"),
+    ("bad dtype", None, ["--dtype", "int3"], "dtype"),
+    ("unknown flag", None, ["--frobnicate"], "frobnicate"),
+]
+
+
+@pytest.mark.parametrize("name,space,extra,word", CASES, ids=[c[0] for c in CASES])
+def test_bad_search_input(tmp_path, name, space, extra, word):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(space if space is not None else GOOD_SPACE)
+    args = [
+        "search",
+        "--model",
+        "tiny-llama",
+        "--space",
+        str(space_file),
+        "--trials",
+        "2",
+        "--context-length",
+        "512",
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert word.lower() in lines[0].lower(), lines[0]
+    assert not list(Path(tmp_path / "out").rglob("*.parquet"))  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        (["frontier", "/no/such/study"], "frontier.json"),
+        (["report", "/no/such/study"], "frontier.json"),
+    ],
+)
+def test_bad_paths_for_frontier_and_report(args, word):
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert word in done.stderr

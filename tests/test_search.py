@@ -1,0 +1,190 @@
+"""`kvpareto search` on tiny models: outputs, determinism, resume, crash recovery, workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+CLI = [sys.executable, "-m", "kvpareto.cli"]
+SMOKE = [
+    "--model",
+    "tiny-llama",
+    "--space",
+    "search_spaces/smoke.yaml",
+    "--tasks",
+    "agreement",
+    "--context-length",
+    "512",
+    "--samples",
+    "6",
+]
+
+
+def _search(out: Path, *extra: str, study: str = "s", check: bool = True):
+    done = subprocess.run(
+        [*CLI, "search", *SMOKE, "--out", str(out), "--study", study, *extra],
+        capture_output=True,
+        text=True,
+    )
+    if check:
+        assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _trials(folder: Path) -> pd.DataFrame:
+    return pd.read_parquet(folder / "trials.parquet").sort_values("trial")
+
+
+def _non_dominated(rows: pd.DataFrame) -> set[str]:
+    """Recompute the frontier from the trial table, independently of kvpareto.search.frontier."""
+    ok = rows[(rows.state == "COMPLETE") & rows.feasible].drop_duplicates("config_key")
+    keep = set()
+    for _, a in ok.iterrows():
+        beaten = any(
+            b.total_bytes <= a.total_bytes
+            and b.accuracy >= a.accuracy
+            and (b.total_bytes < a.total_bytes or b.accuracy > a.accuracy)
+            for _, b in ok.iterrows()
+        )
+        if not beaten:
+            keep.add(a.config_key)
+    return keep
+
+
+def test_smoke_search_writes_outputs_and_a_true_frontier(tmp_path):
+    _search(tmp_path, "--trials", "10", "--sampler", "tpe")
+    folder = tmp_path / "tiny-llama" / "s"
+    for name in ("trials.parquet", "trials.csv", "frontier.json", "study.json"):
+        assert (folder / name).is_file()
+    rows = _trials(folder)
+    assert len(rows) == 10 and (rows.state == "COMPLETE").all()
+    assert rows.iloc[0].label == "w16-k16v16-c0"  # the baseline runs first
+    frontier = json.loads((folder / "frontier.json").read_text())
+    keys = {e["config_key"] for e in frontier["frontier"]}
+    assert keys == _non_dominated(rows)
+    assert any(not e["label"].startswith("w16-k16v16") for e in frontier["frontier"])
+    base = rows.iloc[0]
+    assert base.config_key in keys or any(
+        e["total_bytes"] <= base.total_bytes and e["accuracy"] >= base.accuracy
+        for e in frontier["frontier"]
+    )
+    assert frontier["hypervolume"] > 0
+    assert sum(e["knee"] for e in frontier["frontier"]) == 1
+    facts = json.loads((folder / "study.json").read_text())
+    assert facts["seed"] == 0 and facts["space"]["hash"] and facts["versions"]["torch"]
+    # Memory parts: measured and modeled agree on KV to the byte in every trial.
+    assert (rows.kv_bytes == rows.modeled_kv_bytes).all()
+    assert (
+        rows.total_bytes == rows.weights_bytes + rows.kv_bytes + rows.activation_peak_bytes
+    ).all()
+
+
+def test_same_seed_and_sampler_give_the_same_trials_and_frontier(tmp_path):
+    for study in ("one", "two"):
+        _search(tmp_path, "--trials", "8", "--sampler", "nsga2", "--seed", "3", study=study)
+    one, two = (_trials(tmp_path / "tiny-llama" / s) for s in ("one", "two"))
+    assert list(one.config_key) == list(two.config_key)
+    f1, f2 = (
+        json.loads((tmp_path / "tiny-llama" / s / "frontier.json").read_text())
+        for s in ("one", "two")
+    )
+    assert [e["config_key"] for e in f1["frontier"]] == [e["config_key"] for e in f2["frontier"]]
+    # The second study found every result in the trial cache.
+    assert two.cached.all()
+
+
+def test_rerun_resumes_and_keeps_finished_trials(tmp_path):
+    _search(tmp_path, "--trials", "4")
+    first = _trials(tmp_path / "tiny-llama" / "s")
+    _search(tmp_path, "--trials", "7")
+    again = _trials(tmp_path / "tiny-llama" / "s")
+    assert len(again) == 7
+    pd.testing.assert_frame_equal(
+        first[["trial", "config_key", "accuracy"]].reset_index(drop=True),
+        again[["trial", "config_key", "accuracy"]].head(4).reset_index(drop=True),
+    )
+
+
+def test_kill_9_mid_trial_then_resume_redoes_at_most_one_trial(tmp_path):
+    slow = ["--context-length", "1536", "--samples", "12", "--trials", "12"]
+    proc = subprocess.Popen(
+        [*CLI, "search", *SMOKE, "--out", str(tmp_path), "--study", "k", *slow],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    db = tmp_path / "tiny-llama" / "k" / "study.db"
+    url = f"sqlite:///{db}"
+    deadline = time.time() + 120
+    killed_during = None
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if not db.exists():
+            continue
+        try:
+            trials = optuna.load_study(study_name="k:tiny-llama", storage=url).get_trials()
+        except Exception:  # noqa: BLE001  (the study may not exist yet)
+            continue
+        finished = [t for t in trials if t.state.is_finished()]
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        if len(finished) >= 2 and running:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_during = running[0].number
+            break
+    proc.wait()
+    assert killed_during is not None, "never caught the search mid-trial"
+    before = {
+        t.number: t.user_attrs.get("label")
+        for t in optuna.load_study(study_name="k:tiny-llama", storage=url).get_trials()
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
+    done = subprocess.run(
+        [
+            *CLI,
+            "search",
+            *SMOKE,
+            "--out",
+            str(tmp_path),
+            "--study",
+            "k",
+            *slow[:4],
+            "--trials",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = optuna.load_study(study_name="k:tiny-llama", storage=url).get_trials()
+    after = {
+        t.number: t.user_attrs.get("label")
+        for t in trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
+    assert all(after.get(n) == label for n, label in before.items())  # nothing finished was lost
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert [t.number for t in failed] == [killed_during]  # exactly one trial redone
+    assert "interrupted" in failed[0].user_attrs["error"]
+    assert len([t for t in trials if t.state.is_finished()]) == 6
+
+
+def test_four_workers_on_one_journal_finish_exactly_n_trials(tmp_path):
+    _search(tmp_path, "--trials", "9", "--workers", "4", "--sampler", "random", study="w")
+    journal = tmp_path / "tiny-llama" / "w" / "study.journal"
+    assert journal.is_file()
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="w:tiny-llama", storage=storage).get_trials()
+    assert len(trials) == 9
+    assert sorted(t.number for t in trials) == list(range(9))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len(_trials(tmp_path / "tiny-llama" / "w")) == 9
