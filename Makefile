@@ -28,7 +28,8 @@ model: setup
 	$(BIN)/kvpareto models pull $(MODEL)
 
 # The main job: a multi-objective search of the default space on the default model. It resumes
-# if interrupted (same study name), prints the frontier, and leaves results under results/.
+# if interrupted (same study name), prints the frontier, and writes results and an HTML report
+# under results/<model>/default/.
 SEARCH_FLAGS ?= --space search_spaces/default.yaml --context-length 2048 --task-lengths 1024,2048 \
 	--samples 5 --trials 24 --sampler nsga2 --seed 0 --study default
 
@@ -44,8 +45,9 @@ smoke: setup
 test: model
 	$(BIN)/python -m pytest
 
+# Rebuild the HTML report from existing results (every study of every model under results/).
 report: setup
-	@echo "kvpareto report lands with issue #7; nothing to build yet." >&2; exit 1
+	$(BIN)/kvpareto report $$(dirname $$(ls $(RESULTS)/*/*/frontier.json)) -o $(RESULTS)/report.html
 
 bench: model
 	$(BIN)/python -c "import optimum.quanto" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"

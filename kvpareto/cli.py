@@ -326,7 +326,11 @@ def search_command(
 
             summary = run_search(settings, sys.argv, progress=progress)
         _print_frontier(settings.model, summary)
+        from kvpareto.report import write_report
+
+        page = write_report([settings.study_dir()], settings.study_dir() / "report.html")
         typer.echo(f"results: {settings.study_dir()}")
+        typer.echo(f"report: {page}")
 
 
 @app.command("frontier")
@@ -354,6 +358,24 @@ def frontier_command(
                 else "; never 95% of it"
             )
         )
+
+
+@app.command("report")
+def report_command(
+    folders: list[Path] = typer.Argument(..., help="Study folders: results/<model>/<study> ..."),
+    output: Path = typer.Option(Path("results/report.html"), "--output", "-o", help="HTML file."),
+) -> None:
+    """Write one self-contained HTML report (plotly.js embedded, works offline).
+
+    Example: kvpareto report results/smollm2-135m/default -o report.html
+    """
+    for folder in folders:
+        if not (folder / "frontier.json").is_file():
+            raise UserError(f"{folder} has no frontier.json; run kvpareto search first")
+    from kvpareto.report import write_report
+
+    path = write_report(folders, output)
+    typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 def _read_frontier(folder: Path) -> dict:

@@ -11,6 +11,9 @@ choices:
       group_size: 32                # fixed
       chunk_size: [0, 256, 512]
 
+Per-layer mixed precision (KVTuner-style): `layer_groups: G` splits the decoder layers into G
+contiguous groups and `layer_pairs: [k8v4, k4v2, ...]` lists the K/V pairs each group may take.
+
 Knobs are conditional: a quantization knob (granularity, group size, residual window, symmetric,
 smoothing, rotation) is only chosen for a stream that is actually quantized (bits < 16); where it
 does not apply, the Config default stands. So two proposals that differ only in knobs that do not
@@ -45,33 +48,49 @@ class SearchSpace:
     choices: dict[str, tuple]  # every knob, in Config order; fixed knobs have one choice
     baselines: tuple[Config, ...]
     source_hash: str
+    layer_groups: int = 0
+    layer_pairs: tuple[tuple[int, int], ...] = ()
 
-    def suggest(self, trial) -> Config:
+    def suggest(self, trial, n_layers: int = 0) -> Config:
         """Ask an Optuna trial for one Config, choosing only the knobs that apply."""
-        picked = {}
+        picked: dict = {}
 
         def choose(key):
             options = self.choices.get(key)
             if options is None:
                 return
-            picked[key] = (
-                options[0] if len(options) == 1 else trial.suggest_categorical(key, list(options))
-            )
+            if len(options) == 1:
+                picked[key] = options[0]
+            else:
+                picked[key] = trial.suggest_categorical(key, list(options))
 
         for key in ("k_bits", "v_bits", "chunk_size"):
             choose(key)
-        k_q = picked.get("k_bits", 16) < 16
-        v_q = picked.get("v_bits", 16) < 16
+        if self.layer_groups:
+            names = [_pair_name(p) for p in self.layer_pairs]
+            pairs = [
+                _parse_pair(trial.suggest_categorical(f"layer_group_{g}", names))
+                for g in range(self.layer_groups)
+            ]
+            picked["k_bits"], picked["v_bits"] = pairs[0]
+            picked["layer_bits"] = {
+                layer: {"k_bits": k, "v_bits": v}
+                for layer, (k, v) in _spread(pairs, n_layers).items()
+                if (k, v) != pairs[0]
+            }
+        k_q, v_q = _quantized(picked)
         for key in _K_KNOBS if k_q else ():
             choose(key)
         for key in _V_KNOBS if v_q else ():
             choose(key)
         for key in _SHARED_KNOBS if (k_q or v_q) else ():
             choose(key)
-        return canonical(Config(**picked))
+        return canonical(Config.from_dict(picked))
 
     def grid(self) -> list[Config]:
         """Every distinct Config in the space (what `--sampler grid` evaluates)."""
+        if self.layer_groups:
+            raise UserError("--sampler grid does not enumerate per-layer spaces; use nsga2 or tpe")
         keys = list(self.choices)
         seen: dict[str, Config] = {}
         for combo in itertools.product(*(self.choices[k] for k in keys)):
@@ -84,7 +103,7 @@ def canonical(cfg: Config) -> Config:
     """Reset the knobs that do not apply to their defaults, so equal behaviour means equal key."""
     default = Config()
     data = cfg.to_dict()
-    k_q, v_q = cfg.k_bits < 16, cfg.v_bits < 16
+    k_q, v_q = _quantized(data)
     if not k_q:
         for key in _K_KNOBS:
             data[key] = getattr(default, key)
@@ -95,6 +114,38 @@ def canonical(cfg: Config) -> Config:
         for key in _SHARED_KNOBS:
             data[key] = getattr(default, key)
     return Config.from_dict(data)
+
+
+def _quantized(data: dict) -> tuple[bool, bool]:
+    """Whether any layer quantizes K, and V (global bits or a per-layer override)."""
+    layers = list((data.get("layer_bits") or {}).values())
+    k_q = data.get("k_bits", 16) < 16 or any(b["k_bits"] < 16 for b in layers)
+    v_q = data.get("v_bits", 16) < 16 or any(b["v_bits"] < 16 for b in layers)
+    return k_q, v_q
+
+
+def _pair_name(pair: tuple[int, int]) -> str:
+    return f"k{pair[0]}v{pair[1]}"
+
+
+def _parse_pair(text) -> tuple[int, int]:
+    import re
+
+    found = re.fullmatch(r"k(\d+)v(\d+)", str(text).strip())
+    if not found:
+        raise UserError(f"a layer pair looks like k8v4, got {text!r}")
+    pair = int(found.group(1)), int(found.group(2))
+    Config(k_bits=pair[0], v_bits=pair[1])  # validates the bit-widths
+    return pair
+
+
+def _spread(pairs: list[tuple[int, int]], n_layers: int) -> dict[int, tuple[int, int]]:
+    """Give each of n_layers the pair of its contiguous group (group sizes differ by at most 1)."""
+    groups = len(pairs)
+    return {
+        layer: pairs[min(layer * groups // max(n_layers, 1), groups - 1)]
+        for layer in range(n_layers)
+    }
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -140,9 +191,22 @@ def load_space(path: Path | str) -> SearchSpace:
         at = f" (line {line})" if line else ""
         return UserError(f"{path}: {key}{at}: {message}")
 
-    unknown = sorted(set(data) - {"name", "description", "params", "baselines"})
+    sections = {"name", "description", "params", "baselines", "layer_groups", "layer_pairs"}
+    unknown = sorted(set(data) - sections)
     if unknown:
-        raise fail(unknown[0], "unknown section; use name, description, params, baselines")
+        raise fail(unknown[0], f"unknown section; use {', '.join(sorted(sections))}")
+    layer_groups = data.get("layer_groups", 0)
+    if not isinstance(layer_groups, int) or isinstance(layer_groups, bool) or layer_groups < 0:
+        raise fail("layer_groups", f"must be a whole number of layer groups, got {layer_groups!r}")
+    raw_pairs = data.get("layer_pairs") or []
+    if layer_groups and (not isinstance(raw_pairs, list) or len(raw_pairs) < 2):
+        raise fail("layer_pairs", "needs a list of at least two K/V pairs such as [k8v4, k4v2]")
+    if raw_pairs and not layer_groups:
+        raise fail("layer_pairs", "needs layer_groups (how many contiguous groups of layers)")
+    try:
+        layer_pairs = tuple(_parse_pair(p) for p in raw_pairs)
+    except UserError as e:
+        raise fail("layer_pairs", str(e)) from None
     params = data.get("params")
     if not isinstance(params, dict) or not params:
         raise fail("params", "must be a non-empty mapping of config keys to a value or a list")
@@ -184,4 +248,6 @@ def load_space(path: Path | str) -> SearchSpace:
         choices=choices,
         baselines=tuple(baselines),
         source_hash=hashlib.sha256(text.encode()).hexdigest()[:16],
+        layer_groups=layer_groups,
+        layer_pairs=layer_pairs,
     )

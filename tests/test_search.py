@@ -188,3 +188,43 @@ def test_four_workers_on_one_journal_finish_exactly_n_trials(tmp_path):
     assert sorted(t.number for t in trials) == list(range(9))
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert len(_trials(tmp_path / "tiny-llama" / "w")) == 9
+
+
+def test_compare_grid_reports_the_fraction_of_grid_hypervolume(tmp_path):
+    space = tmp_path / "tiny.yaml"
+    space.write_text("params:\n  k_bits: [2, 4, 16]\n  v_bits: [2, 16]\n  chunk_size: 0\n")
+    common = [
+        "--model",
+        "tiny-llama",
+        "--space",
+        str(space),
+        "--tasks",
+        "agreement",
+        "--context-length",
+        "512",
+        "--samples",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
+    for extra in (
+        ["--sampler", "grid", "--study", "grid", "--trials", "1"],
+        ["--sampler", "random", "--study", "rnd", "--trials", "3"],
+    ):
+        done = subprocess.run([*CLI, "search", *common, *extra], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    grid = _trials(tmp_path / "tiny-llama" / "grid")
+    assert len(grid) == 6  # every distinct config (3 x 2), whatever --trials says
+    done = subprocess.run(
+        [
+            *CLI,
+            "frontier",
+            str(tmp_path / "tiny-llama" / "rnd"),
+            "--compare-grid",
+            str(tmp_path / "tiny-llama" / "grid"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "of the grid's hypervolume" in done.stdout

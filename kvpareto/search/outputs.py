@@ -46,6 +46,8 @@ def trial_rows(study) -> list[dict]:
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "prefill_tokens_per_s": (a.get("timing") or {}).get("prefill_tokens_per_s"),
             "decode_ms_per_token": (a.get("timing") or {}).get("decode_ms_per_token"),
+            # Per-sample outcomes (task, length, depth, correct), for the report's heatmaps.
+            "samples_json": json.dumps(a.get("samples") or []),
         }
         for part in ("weights_bytes", "kv_bytes", "activation_peak_bytes", "total_bytes"):
             row[part] = mem.get(part)

@@ -231,7 +231,8 @@ class Search:
         from kvpareto.trial import run_trial
 
         fixed = trial.user_attrs.get("fixed_config")
-        config = Config.from_dict(fixed) if fixed else self.space.suggest(trial)
+        n_layers = self.loaded.model.config.get_text_config().num_hidden_layers
+        config = Config.from_dict(fixed) if fixed else self.space.suggest(trial, n_layers)
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("label", config.label())
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")

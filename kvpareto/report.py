@@ -1,0 +1,459 @@
+"""`kvpareto report`: one self-contained HTML page of frontiers, from study folders.
+
+The page embeds plotly.js, so it opens offline (from a USB stick, on a plane). It reads only what a
+search wrote (`trials.parquet`, `frontier.json`, `study.json`); it never imports torch.
+
+Per model: the frontier scatter (every trial, CI error bars, the frontier as a step line, baseline
+and knee marked, failed and over-budget trials faded), the memory breakdown of frontier configs
+(measured next to modeled), NIAH heatmaps (context length x needle depth) for the baseline, the
+knee and the cheapest frontier config within 3 points of the baseline, a parallel-categories view
+of the knobs coloured by accuracy, and a sortable table of frontier configs with a copyable
+`--config` snippet each. With several models, an overlay of their fronts on normalized axes.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import yaml
+from plotly.offline import get_plotlyjs
+
+from kvpareto.errors import UserError
+
+KNOBS = [
+    "k_bits",
+    "v_bits",
+    "k_granularity",
+    "v_granularity",
+    "group_size",
+    "residual_length",
+    "chunk_size",
+]
+PARTS = [
+    ("weights_bytes", "weights"),
+    ("kv_bytes", "KV cache"),
+    ("activation_peak_bytes", "activations"),
+]
+FAINT = "rgba(150,150,150,0.35)"
+
+
+class Study:
+    """One study folder, read once."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        for name in ("frontier.json", "trials.parquet", "study.json"):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder} has no {name}; run kvpareto search first")
+        try:
+            self.frontier = json.loads((folder / "frontier.json").read_text())
+            self.facts = json.loads((folder / "study.json").read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{folder}: a results file is not valid JSON ({e})") from None
+        self.trials = pd.read_parquet(folder / "trials.parquet").sort_values("trial")
+        self.model = self.facts.get("model", folder.parent.name)
+        self.slug = "".join(c if c.isalnum() else "-" for c in f"{self.model}-{folder.name}")
+
+    @property
+    def baseline(self) -> dict | None:
+        return self.frontier.get("baseline")
+
+    def config_of(self, row) -> dict:
+        return {
+            k[4:]: _plain(v) for k, v in row.items() if k.startswith("cfg_") and not _missing(v)
+        }
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def _plain(v):
+    if isinstance(v, str) and v.startswith("{"):
+        return json.loads(v)
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def frontier_figure(st: Study) -> go.Figure:
+    t = st.trials
+    done = t[(t.state == "COMPLETE") & t.total_bytes.notna()]
+    base_mem = st.baseline["total_bytes"] if st.baseline else done.total_bytes.max()
+    fig = go.Figure()
+
+    def hover(r) -> str:
+        parts = "<br>".join(f"{name}: {getattr(r, key) / 1e6:.2f} MB" for key, name in PARTS)
+        return (
+            f"<b>{html.escape(str(r.label))}</b><br>accuracy {r.accuracy:.3f} "
+            f"[{r.accuracy_lo:.2f}, {r.accuracy_hi:.2f}]<br>total {r.total_bytes / 1e6:.2f} MB "
+            f"({1 - r.total_bytes / base_mem:+.1%} reduction)<br>{parts}"
+        )
+
+    for feasible, name, color in ((True, "trials", "#1f77b4"), (False, "over budget", FAINT)):
+        sub = done[done.feasible == feasible]
+        if sub.empty:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=sub.total_bytes / 1e6,
+                y=sub.accuracy,
+                mode="markers",
+                name=name,
+                marker={"color": color, "size": 8},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": sub.accuracy_hi - sub.accuracy,
+                    "arrayminus": sub.accuracy - sub.accuracy_lo,
+                    "color": color,
+                    "width": 2,
+                },
+                text=[hover(r) for r in sub.itertuples()],
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )
+    front = st.frontier["frontier"]
+    if front:
+        fig.add_trace(
+            go.Scatter(
+                x=[e["total_bytes"] / 1e6 for e in front],
+                y=[e["accuracy"] for e in front],
+                mode="lines+markers",
+                line={"shape": "hv", "color": "#d62728"},
+                name="frontier",
+                marker={"size": 10, "symbol": "diamond"},
+                text=[html.escape(e["label"]) for e in front],
+                hovertemplate="%{text}<extra>frontier</extra>",
+            )
+        )
+    knee = next((e for e in front if e["knee"]), None)
+    if knee:
+        fig.add_trace(
+            go.Scatter(
+                x=[knee["total_bytes"] / 1e6],
+                y=[knee["accuracy"]],
+                mode="markers",
+                name="knee",
+                marker={"size": 18, "symbol": "star", "color": "#ff7f0e"},
+                text=[knee["label"]],
+                hovertemplate="%{text}<extra>knee</extra>",
+            )
+        )
+    if st.baseline:
+        b = st.baseline
+        fig.add_trace(
+            go.Scatter(
+                x=[b["total_bytes"] / 1e6],
+                y=[b["accuracy"]],
+                mode="markers",
+                name="baseline (16-bit)",
+                marker={
+                    "size": 16,
+                    "symbol": "square-open",
+                    "color": "black",
+                    "line": {"width": 2},
+                },
+                text=[b["label"]],
+                hovertemplate="%{text}<extra>baseline</extra>",
+            )
+        )
+    failed = int((t.state == "FAIL").sum())
+    fig.update_layout(
+        title=f"{st.model}: memory vs accuracy ({len(done)} trials"
+        + (f", {failed} failed" if failed else "")
+        + ")",
+        xaxis_title=f"total memory at {st.facts.get('context_length')} tokens (MB, measured)",
+        yaxis_title="accuracy (Wilson 95% CI)",
+        yaxis_range=[-0.05, 1.05],
+        template="plotly_white",
+        height=480,
+    )
+    return fig
+
+
+def memory_figure(st: Study) -> go.Figure:
+    front = st.frontier["frontier"]
+    labels = [e["label"] for e in front]
+    fig = go.Figure()
+    colors = ["#4c78a8", "#f58518", "#54a24b"]
+    for (key, name), color in zip(PARTS, colors, strict=True):
+        for source, group, opacity in (
+            ("memory", "measured", 1.0),
+            ("modeled_memory", "modeled", 0.5),
+        ):
+            fig.add_trace(
+                go.Bar(
+                    x=labels,
+                    y=[(e[source][key] or 0) / 1e6 for e in front],
+                    name=f"{name} ({group})",
+                    offsetgroup=group,
+                    legendgroup=name,
+                    marker={"color": color, "opacity": opacity},
+                    hovertemplate=f"{name}, {group}: %{{y:.2f}} MB<extra>%{{x}}</extra>",
+                )
+            )
+    fig.update_layout(
+        barmode="relative",
+        title="memory of frontier configs: measured (solid) next to modeled (light)",
+        yaxis_title="MB",
+        template="plotly_white",
+        height=420,
+    )
+    return fig
+
+
+def _niah_grid(row) -> pd.DataFrame | None:
+    raw = row.get("samples_json") if hasattr(row, "get") else None
+    samples = [s for s in json.loads(raw or "[]") if s.get("task") == "niah"]
+    if not samples:
+        return None
+    frame = pd.DataFrame(samples)
+    frame["depth"] = (frame["depth"] * 100).round().astype(int)
+    return frame.pivot_table(
+        index="context_length", columns="depth", values="correct", aggfunc="mean"
+    )
+
+
+def niah_figures(st: Study) -> list[tuple[str, go.Figure]]:
+    t = st.trials.set_index("trial", drop=False)
+    picks = []
+    if st.baseline:
+        picks.append(("baseline", st.baseline["trial"]))
+    front = st.frontier["frontier"]
+    knee = next((e for e in front if e["knee"]), None)
+    if knee:
+        picks.append(("knee", knee["trial"]))
+    if st.baseline:
+        within = [e for e in front if e["accuracy"] >= st.baseline["accuracy"] - 0.03]
+        if within:
+            picks.append(("cheapest within 3 points", within[0]["trial"]))
+    figures = []
+    for title, trial in picks:
+        if trial not in t.index:
+            continue
+        grid = _niah_grid(t.loc[trial])
+        if grid is None:
+            continue
+        fig = go.Figure(
+            go.Heatmap(
+                z=grid.values,
+                x=[f"{d}%" for d in grid.columns],
+                y=[str(i) for i in grid.index],
+                zmin=0,
+                zmax=1,
+                colorscale="RdYlGn",
+                colorbar={"title": "acc"},
+                hovertemplate="depth %{x}, %{y} tokens: %{z:.2f}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            title=f"NIAH, {title}: {t.loc[trial].label}",
+            xaxis_title="needle depth",
+            yaxis_title="context length",
+            template="plotly_white",
+            height=320,
+        )
+        figures.append((title, fig))
+    return figures
+
+
+def knobs_figure(st: Study) -> go.Figure | None:
+    done = st.trials[(st.trials.state == "COMPLETE") & st.trials.accuracy.notna()]
+    cols = [k for k in KNOBS if f"cfg_{k}" in done and done[f"cfg_{k}"].nunique() > 1]
+    if done.empty or not cols:
+        return None
+    fig = go.Figure(
+        go.Parcats(
+            dimensions=[{"label": k, "values": done[f"cfg_{k}"].astype(str)} for k in cols],
+            line={
+                "color": done.accuracy,
+                "colorscale": "Viridis",
+                "cmin": 0,
+                "cmax": 1,
+                "showscale": True,
+                "colorbar": {"title": "accuracy"},
+            },
+            hoveron="color",
+        )
+    )
+    fig.update_layout(title="which knobs matter: every trial, coloured by accuracy", height=420)
+    return fig
+
+
+def overlay_figure(studies: list[Study]) -> go.Figure:
+    fig = go.Figure()
+    for st in studies:
+        if not st.baseline:
+            continue
+        front = st.frontier["frontier"]
+        fig.add_trace(
+            go.Scatter(
+                x=[100 * e["memory_reduction"] for e in front],
+                y=[e["delta_accuracy"] for e in front],
+                mode="lines+markers",
+                name=st.model,
+                line={"shape": "hv"},
+                text=[e["label"] for e in front],
+                hovertemplate="%{text}<br>%{x:.1f}% less memory, Δacc %{y:+.3f}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title="frontiers of all models, normalized to each model's 16-bit baseline",
+        xaxis_title="memory reduction vs baseline (%)",
+        yaxis_title="Δ accuracy vs baseline",
+        template="plotly_white",
+        height=460,
+    )
+    return fig
+
+
+# --- page ------------------------------------------------------------------------------------
+
+
+def _div(fig: go.Figure, div_id: str) -> str:
+    return fig.to_html(
+        full_html=False,
+        include_plotlyjs=False,
+        div_id=div_id,
+        config={"displaylogo": False, "responsive": True},
+    )
+
+
+def _facts_html(st: Study) -> str:
+    f = st.facts
+    versions = ", ".join(f"{k} {v}" for k, v in (f.get("versions") or {}).items())
+    rows = [
+        ("model", st.model),
+        ("tasks", ", ".join(f.get("tasks", []))),
+        ("context length", f.get("context_length")),
+        ("trials", st.frontier.get("trials")),
+        ("sampler", f.get("sampler")),
+        ("seed", f.get("seed")),
+        ("budget", f"{f['budget_mb']} MB" if f.get("budget_mb") else "none"),
+        (
+            "hypervolume",
+            f"{st.frontier.get('hypervolume', 0):.4f} "
+            "(reference: 1.1 x baseline memory, accuracy 0)",
+        ),
+        ("space", f"{(f.get('space') or {}).get('name')} ({(f.get('space') or {}).get('hash')})"),
+        ("versions", versions),
+        ("note", f.get("baseline_note", "")),
+    ]
+    cells = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return f'<table class="facts">{cells}</table>'
+
+
+def _frontier_table(st: Study) -> str:
+    head = "".join(
+        f'<th onclick="sortTable(this)">{h}</th>'
+        for h in (
+            "config",
+            "memory MB",
+            "reduction",
+            "accuracy",
+            "95% CI",
+            "Δ acc",
+            "notes",
+            "--config snippet",
+        )
+    )
+    body = []
+    for e in st.frontier["frontier"]:
+        snippet = yaml.safe_dump(e["config"], sort_keys=False).strip()
+        lo, hi = e["accuracy_ci"]
+        notes = " ".join(
+            n
+            for n, on in (("knee", e["knee"]), ("indistinguishable", e["indistinguishable"]))
+            if on
+        )
+        delta = "" if e["delta_accuracy"] is None else f"{e['delta_accuracy']:+.3f}"
+        body.append(
+            '<tr class="frontier-row">'
+            f"<td>{html.escape(e['label'])}</td><td>{e['total_bytes'] / 1e6:.2f}</td>"
+            f"<td>{e['memory_reduction']:.1%}</td><td>{e['accuracy']:.3f}</td>"
+            f"<td>[{lo:.2f}, {hi:.2f}]</td><td>{delta}</td><td>{notes}</td>"
+            f"<td><pre>{html.escape(snippet)}</pre>"
+            '<button onclick="copySnippet(this)">copy</button></td></tr>'
+        )
+    return (
+        f'<table class="frontier" id="table-{st.slug}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:12px 0}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f4f4f4;cursor:pointer}pre{margin:0;font-size:12px}.facts th{cursor:default}
+.heatmaps{display:grid;grid-template-columns:repeat(auto-fit,minmax(360px,1fr))}
+"""
+
+_SCRIPT = """
+function sortTable(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),
+b=t.tBodies[0],rows=[...b.rows],asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
+const v=r=>{const s=r.cells[i].innerText;const n=parseFloat(s.replace(/[^0-9.+-]/g,''));
+return isNaN(n)?s:n};rows.sort((a,c)=>(v(a)>v(c)?1:v(a)<v(c)?-1:0)*(asc?1:-1));
+rows.forEach(r=>b.appendChild(r))}
+function copySnippet(btn){const text=btn.previousElementSibling.innerText;
+if(navigator.clipboard){navigator.clipboard.writeText(text).then(()=>{btn.innerText='copied'},
+()=>{btn.innerText='select and copy'})}}
+"""
+
+
+def build_report(folders: list[Path]) -> str:
+    studies = [Study(Path(f)) for f in folders]
+    sections = []
+    for st in studies:
+        parts = [
+            f'<section id="{st.slug}">'
+            f"<h2>{html.escape(st.model)}: {html.escape(st.folder.name)}</h2>",
+            _facts_html(st),
+            _div(frontier_figure(st), f"frontier-{st.slug}"),
+        ]
+        if st.frontier["frontier"]:
+            parts.append(_div(memory_figure(st), f"memory-{st.slug}"))
+        heatmaps = niah_figures(st)
+        if heatmaps:
+            parts.append(
+                '<div class="heatmaps">'
+                + "".join(_div(fig, f"niah-{st.slug}-{i}") for i, (_, fig) in enumerate(heatmaps))
+                + "</div>"
+            )
+        knobs = knobs_figure(st)
+        if knobs is not None:
+            parts.append(_div(knobs, f"knobs-{st.slug}"))
+        parts.append("<h3>frontier configs</h3>" + _frontier_table(st) + "</section>")
+        sections.append("".join(parts))
+    if len(studies) > 1:
+        sections.insert(0, _div(overlay_figure(studies), "overlay"))
+    title = "kvpareto report: " + ", ".join(st.model for st in studies)
+    return (
+        '<!DOCTYPE html><html><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+        f"<script>{get_plotlyjs()}</script><script>{_SCRIPT}</script></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        "<p>Memory is measured (bytes held, allocator peak) at the declared context length; "
+        "modeled figures are shown beside it. Accuracy carries a Wilson 95% interval.</p>"
+        + "".join(sections)
+        + "</body></html>"
+    )
+
+
+def write_report(folders: list[Path], out: Path) -> Path:
+    page = build_report(folders)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
