@@ -77,6 +77,13 @@ _DTYPES = {
 }
 
 
+def _dtype_name(flag: str) -> str:
+    """The torch dtype name for a --dtype value (bf16 and friends accepted)."""
+    if flag not in _DTYPES:
+        raise UserError(f"--dtype must be one of bfloat16, float32, float16; got {flag!r}")
+    return _DTYPES[flag]
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Option(
@@ -135,8 +142,6 @@ def eval_command(
     config = Config.from_dict(merged)
     lengths = _csv_ints(context_lengths, "--context-lengths")
     task_names = [t.strip() for t in tasks.split(",") if t.strip()]
-    if dtype not in _DTYPES:
-        raise UserError(f"--dtype must be one of bfloat16, float32, float16; got {dtype!r}")
 
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -150,7 +155,7 @@ def eval_command(
     if threads:
         torch.set_num_threads(threads)
     with err.status(f"loading {model}"):
-        loaded = load_model(model, dtype=getattr(torch, _DTYPES[dtype]))
+        loaded = load_model(model, dtype=getattr(torch, _dtype_name(dtype)))
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -195,12 +200,10 @@ def bench_command(
     from kvpareto.models import load_model
 
     lengths = _csv_ints(context_lengths, "--context-lengths")
-    if dtype not in _DTYPES:
-        raise UserError(f"--dtype must be one of bfloat16, float32, float16; got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
     with err.status(f"loading {model}"):
-        loaded = load_model(model, dtype=getattr(torch, _DTYPES[dtype]))
+        loaded = load_model(model, dtype=getattr(torch, _dtype_name(dtype)))
     rows = run_bench(
         loaded.model, lengths, steps, repeats, log=lambda m: err.print(m, highlight=False)
     )
@@ -277,8 +280,6 @@ def search_command(
     from kvpareto.space import load_space
     from kvpareto.tasks import get_task
 
-    if dtype not in _DTYPES:
-        raise UserError(f"--dtype must be one of bfloat16, float32, float16; got {dtype!r}")
     task_names = [t.strip() for t in tasks.split(",") if t.strip()]
     for name in task_names:
         get_task(name)
@@ -301,7 +302,7 @@ def search_command(
             objectives=[o.strip() for o in objectives.split(",")],
             samples=samples,
             lengths=lengths,
-            dtype=_DTYPES[dtype],
+            dtype=_dtype_name(dtype),
             threads=threads,
         )
         for m in model

@@ -62,23 +62,6 @@ class Study:
     def baseline(self) -> dict | None:
         return self.frontier.get("baseline")
 
-    def config_of(self, row) -> dict:
-        return {
-            k[4:]: _plain(v) for k, v in row.items() if k.startswith("cfg_") and not _missing(v)
-        }
-
-
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and v != v)
-
-
-def _plain(v):
-    if isinstance(v, str) and v.startswith("{"):
-        return json.loads(v)
-    if hasattr(v, "item"):
-        return v.item()
-    return v
-
 
 # --- figures ---------------------------------------------------------------------------------
 

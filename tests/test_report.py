@@ -134,3 +134,10 @@ def test_a_broken_plot_fails_the_browser_check(report, tmp_path):
     bad.write_text(broken)
     result = browser_check(bad)
     assert result["errors"] and result["missing_svg"]
+
+
+def test_several_studies_get_a_normalized_overlay(study, tmp_path):
+    from kvpareto.report import build_report
+
+    page = build_report([study, study])
+    assert 'id="overlay"' in page and page.count('class="frontier-row"') >= 2

@@ -284,9 +284,6 @@ class QuantizedKVLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return 0 if self.k is None else self.k.nbytes() + self.v.nbytes()
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [] if self.k is None else self.k.tensors() + self.v.tensors()
-
 
 def layer_windows(model_config) -> list[int | None]:
     """The sliding window of each decoder layer (None for global attention)."""
