@@ -219,7 +219,7 @@ def niah_figures(st: Study) -> list[tuple[str, go.Figure]]:
         if within:
             picks.append(("cheapest within 3 points", within[0]["trial"]))
     figures = []
-    for title, trial in picks:
+    for n, (title, trial) in enumerate(picks):
         if trial not in t.index:
             continue
         grid = _niah_grid(t.loc[trial])
@@ -233,16 +233,22 @@ def niah_figures(st: Study) -> list[tuple[str, go.Figure]]:
                 zmin=0,
                 zmax=1,
                 colorscale="RdYlGn",
+                showscale=n == len(picks) - 1,
                 colorbar={"title": "acc"},
                 hovertemplate="depth %{x}, %{y} tokens: %{z:.2f}<extra></extra>",
             )
         )
+        # A fixed width: the heatmaps sit side by side in a grid and must not overflow it.
         fig.update_layout(
-            title=f"NIAH, {title}: {t.loc[trial].label}",
+            title=f"NIAH, {title}<br><sup>{html.escape(str(t.loc[trial].label))}</sup>",
             xaxis_title="needle depth",
+            xaxis_type="category",
+            yaxis_type="category",
             yaxis_title="context length",
             template="plotly_white",
             height=320,
+            width=380,
+            margin={"l": 60, "r": 20, "t": 60, "b": 50},
         )
         figures.append((title, fig))
     return figures
@@ -379,7 +385,7 @@ body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:12px 0}
 td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f4f4f4;cursor:pointer}pre{margin:0;font-size:12px}.facts th{cursor:default}
-.heatmaps{display:grid;grid-template-columns:repeat(auto-fit,minmax(360px,1fr))}
+.heatmaps{display:grid;grid-template-columns:repeat(auto-fit,minmax(390px,1fr))}
 """
 
 _SCRIPT = """
