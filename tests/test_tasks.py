@@ -10,7 +10,7 @@ from kvpareto.models.tiny import byte_tokenizer
 from kvpareto.tasks import Sample, get_task
 from kvpareto.trial import run_trial
 
-TASKS = ["niah", "vt", "qa"]
+TASKS = ["niah", "vt", "qa", "niah-mk", "cwe", "fwe"]
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -34,13 +34,16 @@ def test_prompt_lengths_are_within_one_percent(smollm2, name, length):
 
 
 def test_scorers_reject_wrong_answers():
-    niah, vt, qa = (get_task(n) for n in TASKS)
+    niah, vt, qa = (get_task(n) for n in ("niah", "vt", "qa"))
     assert niah.score(Sample([], "12345"), " 12345.") and not niah.score(
         Sample([], "12345"), "1234"
     )
     chain = Sample([], "ABCDE FGHIJ KLMNO")
     assert vt.score(chain, "ABCDE, FGHIJ and KLMNO") and not vt.score(chain, "ABCDE FGHIJ")
     assert qa.score(Sample([], "Tamlow"), " Tamlow.") and not qa.score(Sample([], "Tamlow"), "Tam")
+    cwe = get_task("cwe")
+    five = Sample([], "apple bridge candle dragon eagle")
+    assert cwe.score(five, "apple, bridge, candle, dragon, eagle") and not cwe.score(five, "apple")
 
 
 def test_smollm2_finds_the_needle_at_every_depth(smollm2):
@@ -63,3 +66,25 @@ def test_entity_qa_answers_sit_at_their_depths():
         where = (text.index(f"in the town of {s.answer}.") - start) / (end - start)
         assert abs(where - s.meta["depth"]) < 0.1
     assert torch.tensor([s.meta["depth"] for s in samples]).unique().numel() == 5
+
+
+@pytest.mark.parametrize("name", ["cwe", "fwe"])
+@pytest.mark.parametrize("length", [1024, 4096])
+def test_word_tasks_ask_for_the_words_that_really_are_most_frequent(smollm2, name, length):
+    import re
+    from collections import Counter
+
+    task = get_task(name)
+    for s in task.samples(smollm2.tokenizer, length, 3, seed=1):
+        text = smollm2.tokenizer.decode(s.input_ids)
+        counts = Counter(re.findall(r"\d+\. (\w+)", text)).most_common(task.top + 1)
+        assert {w for w, _ in counts[: task.top]} == set(s.answer.split())
+        assert counts[task.top - 1][1] > counts[task.top][1]  # no tie at the cut
+
+
+def test_multikey_niah_asks_one_key_among_distractors():
+    tok = byte_tokenizer()
+    for s in get_task("niah-mk").samples(tok, 1024, 4, seed=0):
+        text = tok.decode(s.input_ids)
+        assert text.count("The special magic number for") == 4
+        assert f"is: {s.answer}." in text

@@ -52,7 +52,7 @@ def register_task(name: str):
 
 
 def get_task(name: str) -> Task:
-    from kvpareto.tasks import agreement, niah, qa, vt  # noqa: F401  (they register themselves)
+    from kvpareto.tasks import agreement, niah, qa, ruler, vt  # noqa: F401  (they register)
 
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
