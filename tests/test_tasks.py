@@ -40,7 +40,13 @@ def test_scorers_reject_wrong_answers():
     )
     chain = Sample([], "ABCDE FGHIJ KLMNO")
     assert vt.score(chain, "ABCDE, FGHIJ and KLMNO") and not vt.score(chain, "ABCDE FGHIJ")
-    assert qa.score(Sample([], "Tamlow"), " Tamlow.") and not qa.score(Sample([], "Tamlow"), "Tam")
+    town = Sample([], "Tamlow")
+    assert qa.score(town, " Tamlow.") and qa.score(town, "The town of Tamlow.")
+    assert (
+        not qa.score(town, "Tam")
+        and not qa.score(town, "Tamlowe")
+        and not qa.score(town, "x\nTamlow")
+    )
     cwe = get_task("cwe")
     five = Sample([], "apple bridge candle dragon eagle")
     assert cwe.score(five, "apple, bridge, candle, dragon, eagle") and not cwe.score(five, "apple")
@@ -62,7 +68,7 @@ def test_entity_qa_answers_sit_at_their_depths():
     samples = get_task("qa").samples(tok, 1024, 5, seed=0)
     for s in samples:
         text = tok.decode(s.input_ids)
-        start, end = text.index("Here are facts"), text.index("In which town")
+        start, end = text.index("Here is a document"), text.index("In which town")
         where = (text.index(f"in the town of {s.answer}.") - start) / (end - start)
         assert abs(where - s.meta["depth"]) < 0.1
     assert torch.tensor([s.meta["depth"] for s in samples]).unique().numel() == 5

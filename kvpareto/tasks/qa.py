@@ -1,57 +1,77 @@
 """Long-document QA over invented entities, with answers at known depths.
 
-The document is a seeded list of facts about invented people ("Orlan Vesk was born in the town
-of Tamberlow."); one fact per sample is the asked one, placed at a depth that sweeps 0-100%
-across the samples. The other facts are distractors of the same form, so retrieval, not world
-knowledge, answers the question. Scored by exact match of the town name.
+The document is the noise haystack with eight facts about people ("Alice Baker was born in the
+town of Tamberlow."; the towns are invented, so only the document can answer). One fact per
+sample is the asked one, placed at a depth that sweeps 0-100% across the samples; the seven others
+are distractors of the same form, spread through the document. Scored by string match (as RULER
+does): the exact town name must appear as a whole word on the first line of the answer ("The town
+of Kavenbra." passes, "Kaven" does not).
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 from kvpareto.tasks import Sample, Task, register_task
-from kvpareto.tasks.text import fit, format_prompt, noise_words
+from kvpareto.tasks.text import at_sentence_end, fit, format_prompt, noise_words
 
+# People get ordinary, distinct names (a 135M model confuses look-alike invented ones); towns are
+# invented, so only the document can answer.
+_FIRST = (
+    "Alice Bruno Clara Daniel Elena Felix Grace Hugo Irene Jonas Karen Louis Maria Nathan Olivia "
+    "Peter Rosa Samuel Teresa Victor Wendy Xavier Yvonne Zachary"
+).split()
+_LAST = (
+    "Adams Baker Carter Dawson Ellis Fischer Garcia Hughes Ingram Jensen Keller Lopez Moreau "
+    "Nolan Ortiz Price Quinn Rossi Schmidt Turner Vance Walsh Young Zimmer"
+).split()
+DISTRACTORS = 7
 _SYL = ["ka", "lo", "ven", "tor", "mi", "sa", "rel", "dun", "bra", "the", "os", "qui", "nar", "ul"]
 
 
-def _name(rng: random.Random, parts: int) -> str:
-    return "".join(rng.choice(_SYL) for _ in range(parts)).capitalize()
+def _person(rng: random.Random) -> str:
+    return f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+
+
+def _town(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYL) for _ in range(3)).capitalize()
 
 
 @register_task("qa")
 class EntityQA(Task):
-    version = 1
-    max_new_tokens = 12
+    version = 3
+    max_new_tokens = 16
 
     def samples(self, tokenizer, context_length: int, n: int, seed: int) -> list[Sample]:
         rng = random.Random(f"qa-{seed}-{context_length}")
         out = []
         for i in range(n):
             depth = i / (n - 1) if n > 1 else 0.5
-            person, town = f"{_name(rng, 2)} {_name(rng, 2)}", _name(rng, 3)
+            person, town = _person(rng), _town(rng)
             fact = f"{person} was born in the town of {town}."
-            pool = [
-                f"{_name(rng, 2)} {_name(rng, 2)} was born in the town of {_name(rng, 3)}."
-                for _ in range(4 * context_length // 10)
-            ]
+            others = [p for p in (_person(rng) for _ in range(2 * DISTRACTORS)) if p != person]
+            facts = [f"{p} was born in the town of {_town(rng)}." for p in others[:DISTRACTORS]]
             question = f"\n\nIn which town was {person} born? Answer with the town name only."
 
-            def build(units, pad=0, pool=pool, fact=fact, question=question, depth=depth):
-                facts = pool[:units]
-                facts.insert(round(depth * units), fact)
-                text = "Here are facts about people.\n\n" + " ".join(facts + noise_words(pad))
-                return format_prompt(tokenizer, text + question, "Answer:")
+            def build(words, facts=facts, fact=fact, question=question, depth=depth):
+                hay = noise_words(words)
+                # The asked fact at its depth, the distractors spread evenly around it.
+                inserts = sorted(
+                    [(depth, fact)] + [((j + 0.5) / DISTRACTORS, f) for j, f in enumerate(facts)]
+                )
+                body, start = [], 0
+                for where, text in inserts:
+                    cut = max(at_sentence_end(hay, round(where * words)), start)
+                    body += hay[start:cut] + [text]
+                    start = cut
+                doc = "Here is a document about people.\n\n" + " ".join(body + hay[start:])
+                return format_prompt(tokenizer, doc + question, "Answer:")
 
-            # Whole facts first, then noise words to land within one word of the target.
-            units, _ = fit(build, context_length, self.name)
-            _, ids = fit(
-                lambda pad, units=units, build=build: build(units, pad), context_length, self.name
-            )
+            _, ids = fit(build, context_length, self.name)
             out.append(Sample(ids, town, {"context_length": context_length, "depth": depth}))
         return out
 
     def score(self, sample: Sample, output: str) -> bool:
-        words = output.replace(".", " ").split()
-        return bool(words) and words[0] == sample.answer
+        first_line = output.strip().split("\n")[0]
+        return sample.answer in re.findall(r"[A-Za-z]+", first_line)

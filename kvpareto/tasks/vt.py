@@ -20,8 +20,8 @@ CHAIN = 4
 
 @register_task("vt")
 class VariableTracking(Task):
-    version = 1
-    max_new_tokens = 32
+    version = 2
+    max_new_tokens = 48  # room to name four variables even when the model restates assignments
 
     def samples(self, tokenizer, context_length: int, n: int, seed: int) -> list[Sample]:
         rng = random.Random(f"vt-{seed}-{context_length}")
