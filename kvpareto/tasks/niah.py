@@ -12,7 +12,7 @@ import random
 import re
 
 from kvpareto.tasks import Sample, Task, register_task
-from kvpareto.tasks.text import at_sentence_end, fit, format_prompt, noise_words
+from kvpareto.tasks.text import fit, format_prompt, noise_words, weave
 
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
 QUESTION = "\n\nWhat is the pass key? Answer with the number only."
@@ -32,9 +32,7 @@ class PasskeyNIAH(Task):
             needle = f"The pass key is {key}. Remember it. {key} is the pass key."
 
             def build(words, needle=needle, depth=depth):
-                hay = noise_words(words)
-                cut = at_sentence_end(hay, round(depth * words))
-                text = " ".join(hay[:cut] + [needle] + hay[cut:])
+                text = weave(noise_words(words), [(round(depth * words), needle)])
                 return format_prompt(tokenizer, INTRO + text + QUESTION, "The pass key is")
 
             _, ids = fit(build, context_length, self.name)

@@ -14,7 +14,7 @@ import random
 import re
 
 from kvpareto.tasks import Sample, Task, register_task
-from kvpareto.tasks.text import at_sentence_end, fit, format_prompt, noise_words
+from kvpareto.tasks.text import fit, format_prompt, noise_words, weave
 
 # People get ordinary, distinct names (a 135M model confuses look-alike invented ones); towns are
 # invented, so only the document can answer.
@@ -55,17 +55,12 @@ class EntityQA(Task):
             question = f"\n\nIn which town was {person} born? Answer with the town name only."
 
             def build(words, facts=facts, fact=fact, question=question, depth=depth):
-                hay = noise_words(words)
                 # The asked fact at its depth, the distractors spread evenly around it.
                 inserts = sorted(
                     [(depth, fact)] + [((j + 0.5) / DISTRACTORS, f) for j, f in enumerate(facts)]
                 )
-                body, start = [], 0
-                for where, text in inserts:
-                    cut = max(at_sentence_end(hay, round(where * words)), start)
-                    body += hay[start:cut] + [text]
-                    start = cut
-                doc = "Here is a document about people.\n\n" + " ".join(body + hay[start:])
+                positions = [(round(where * words), text) for where, text in inserts]
+                doc = "Here is a document about people.\n\n" + weave(noise_words(words), positions)
                 return format_prompt(tokenizer, doc + question, "Answer:")
 
             _, ids = fit(build, context_length, self.name)

@@ -16,7 +16,7 @@ import re
 import string
 
 from kvpareto.tasks import Sample, Task, register_task
-from kvpareto.tasks.text import at_sentence_end, fit, format_prompt, noise_words
+from kvpareto.tasks.text import fit, format_prompt, noise_words, weave
 
 _VOCAB = (
     "apple bridge candle dragon eagle forest garden harbor island jungle kettle lantern meadow "
@@ -52,14 +52,9 @@ class MultiKeyNIAH(Task):
             )
 
             def build(words, needles=needles, question=question):
-                hay = noise_words(words)
-                cuts = [at_sentence_end(hay, (j + 1) * words // 5) for j in range(4)]
-                body, start = [], 0
-                for cut, needle in zip(cuts, needles, strict=True):
-                    body += hay[start:cut] + [needle]
-                    start = cut
-                text = "Some special magic numbers are hidden in this text.\n\n" + " ".join(
-                    body + hay[start:]
+                cuts = [(j + 1) * words // 5 for j in range(4)]
+                text = "Some special magic numbers are hidden in this text.\n\n" + weave(
+                    noise_words(words), list(zip(cuts, needles, strict=True))
                 )
                 return format_prompt(tokenizer, text + question, "The number is")
 

@@ -3,7 +3,7 @@
 A task describes its prompt as `build(n)`: the text with n filler *words*. `fit` finds the largest
 n whose formatted prompt fits the target token count (binary search; tokenizing is the cost), so a
 4096-token prompt is 4096 tokens minus at most one word's tokens, in the model's own tokenizer.
-The filler is the classic "noise" haystack; `at_sentence_end` keeps inserted needles between
+The filler is the classic "noise" haystack; `weave` inserts needles into it between
 sentences.
 """
 
@@ -56,3 +56,14 @@ def fit(build: Callable[[int], list[int]], target: int, name: str) -> tuple[int,
         else:
             hi = mid
     return lo, build(lo)
+
+
+def weave(hay: list[str], inserts: list[tuple[int, str]]) -> str:
+    """Join the haystack words with each text inserted, in order, at the sentence start at or
+    before its word position (never before the previous insert)."""
+    body, start = [], 0
+    for position, text in inserts:
+        cut = max(at_sentence_end(hay, position), start)
+        body += hay[start:cut] + [text]
+        start = cut
+    return " ".join(body + hay[start:])

@@ -13,7 +13,7 @@ import re
 import string
 
 from kvpareto.tasks import Sample, Task, register_task
-from kvpareto.tasks.text import at_sentence_end, fit, format_prompt, noise_words
+from kvpareto.tasks.text import fit, format_prompt, noise_words, weave
 
 CHAIN = 4
 
@@ -38,15 +38,10 @@ class VariableTracking(Task):
             )
 
             def build(words, lines=lines, question=question):
-                hay = noise_words(words)
                 # Spread the chain's lines evenly, each between two sentences.
-                cuts = [at_sentence_end(hay, (j + 1) * words // (CHAIN + 1)) for j in range(CHAIN)]
-                body, start = [], 0
-                for cut, line in zip(cuts, lines, strict=True):
-                    body += hay[start:cut] + [line]
-                    start = cut
-                body += hay[start:]
-                text = "Memorize the variable assignments hidden in this text.\n\n" + " ".join(body)
+                cuts = [(j + 1) * words // (CHAIN + 1) for j in range(CHAIN)]
+                woven = weave(noise_words(words), list(zip(cuts, lines, strict=True)))
+                text = "Memorize the variable assignments hidden in this text.\n\n" + woven
                 return format_prompt(tokenizer, text + question, "The variables are:")
 
             _, ids = fit(build, context_length, self.name)
