@@ -119,35 +119,10 @@ def frontier_figure(st: Study) -> go.Figure:
         )
     knee = next((e for e in front if e["knee"]), None)
     if knee:
-        fig.add_trace(
-            go.Scatter(
-                x=[knee["total_bytes"] / 1e6],
-                y=[knee["accuracy"]],
-                mode="markers",
-                name="knee",
-                marker={"size": 18, "symbol": "star", "color": "#ff7f0e"},
-                text=[knee["label"]],
-                hovertemplate="%{text}<extra>knee</extra>",
-            )
-        )
+        _mark(fig, knee, "knee", {"size": 18, "symbol": "star", "color": "#ff7f0e"})
     if st.baseline:
-        b = st.baseline
-        fig.add_trace(
-            go.Scatter(
-                x=[b["total_bytes"] / 1e6],
-                y=[b["accuracy"]],
-                mode="markers",
-                name="baseline (16-bit)",
-                marker={
-                    "size": 16,
-                    "symbol": "square-open",
-                    "color": "black",
-                    "line": {"width": 2},
-                },
-                text=[b["label"]],
-                hovertemplate="%{text}<extra>baseline</extra>",
-            )
-        )
+        marker = {"size": 16, "symbol": "square-open", "color": "black", "line": {"width": 2}}
+        _mark(fig, st.baseline, "baseline (16-bit)", marker)
     failed = int((t.state == "FAIL").sum())
     fig.update_layout(
         title=f"{st.model}: memory vs accuracy ({len(done)} trials"
@@ -160,6 +135,21 @@ def frontier_figure(st: Study) -> go.Figure:
         height=480,
     )
     return fig
+
+
+def _mark(fig: go.Figure, point: dict, name: str, marker: dict) -> None:
+    """Add one highlighted point (a frontier.json entry or the baseline) to a scatter."""
+    fig.add_trace(
+        go.Scatter(
+            x=[point["total_bytes"] / 1e6],
+            y=[point["accuracy"]],
+            mode="markers",
+            name=name,
+            marker=marker,
+            text=[point["label"]],
+            hovertemplate=f"%{{text}}<extra>{name}</extra>",
+        )
+    )
 
 
 def memory_figure(st: Study) -> go.Figure:

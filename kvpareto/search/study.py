@@ -210,7 +210,7 @@ class Search:
                         self.study.enqueue_trial({}, user_attrs={"fixed_config": redo})
         target = self.s.trials
         if self.s.sampler == "grid":
-            target = max(target, len([t for t in self.study.get_trials(deepcopy=False)]))
+            target = max(target, len(self.study.get_trials(deepcopy=False)))
         return max(target - self.finished(), 0)
 
     # --- running -------------------------------------------------------------------------------
