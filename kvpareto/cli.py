@@ -109,6 +109,20 @@ def eval_command(
     ),
     rotation: str | None = typer.Option(None, help="none or hadamard."),
     chunk_size: int | None = typer.Option(None, help="Prefill chunk in tokens; 0 = unchunked."),
+    weights: str | None = typer.Option(None, help="Weight quantization: none, int8, int4, awq4."),
+    weight_group_size: int | None = typer.Option(None, help="int4/awq4 group: 32, 64 or 128."),
+    awq_backend: str | None = typer.Option(None, help="native, llmcompressor or autoawq."),
+    prune_rate: float | None = typer.Option(
+        None, help="Fraction of prompt tokens evicted after prefill, 0..0.9."
+    ),
+    prune_scorer: str | None = typer.Option(None, help="snapkv, knorm, streaming or random."),
+    kv_scheme: str | None = typer.Option(
+        None, help="static (k/v bits), adaptive (learned per-token bits) or rule."
+    ),
+    target_mean_bits: float | None = typer.Option(
+        None, help="Mean KV bits for --kv-scheme adaptive/rule."
+    ),
+    controller: str | None = typer.Option(None, help="Adaptive controller name or file."),
     config_file: Path | None = typer.Option(
         None, "--config", help="YAML/JSON file of config keys."
     ),
@@ -137,6 +151,14 @@ def eval_command(
         k_smooth=k_smooth,
         rotation=rotation,
         chunk_size=chunk_size,
+        weights=weights,
+        weight_group_size=weight_group_size,
+        awq_backend=awq_backend,
+        prune_rate=prune_rate,
+        prune_scorer=prune_scorer,
+        kv_scheme=kv_scheme,
+        target_mean_bits=target_mean_bits,
+        controller=controller,
     )
     merged = {**_load_config_file(config_file), **{k: v for k, v in flags.items() if v is not None}}
     config = Config.from_dict(merged)

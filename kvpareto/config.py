@@ -2,7 +2,8 @@
 
 A Config is frozen and hashable. Its `key()` is stable across runs and machines (it feeds trial
 cache keys), and its `label()` is the short name shown in tables and reports, for example
-`w16-k4v2-tok-g32-r0-c256`. Validation happens here, once, so every later layer can trust it.
+`w16-k4v2-tok-g32-r0-c256` or `awq4g64-k4v2-tok-g32-r32-c256-p50snapkv`. Validation happens
+here, once, so every later layer can trust it.
 Knows nothing of torch or optuna.
 """
 
@@ -18,6 +19,14 @@ KV_BITS = (2, 4, 8, 16)
 GRANULARITIES = ("per-token", "per-channel", "per-tensor", "per-block")
 GROUP_SIZES = (32, 64, 128)
 ROTATIONS = ("none", "hadamard")
+WEIGHT_METHODS = ("none", "int8", "int4", "awq4")
+WEIGHT_GROUP_SIZES = (32, 64, 128)
+# "native" is kvpareto's own AWQ (kvpareto/quant/awq.py); the others are external packages that
+# run only where they install (see that module for why native is the default).
+AWQ_BACKENDS = ("native", "llmcompressor", "autoawq")
+PRUNE_SCORERS = ("snapkv", "knorm", "streaming", "random")
+MAX_PRUNE_RATE = 0.9
+KV_SCHEMES = ("static", "adaptive", "rule")
 _GRAN_SHORT = {"per-token": "tok", "per-channel": "ch", "per-tensor": "ten", "per-block": "blk"}
 
 
@@ -41,10 +50,23 @@ class Config:
     k_smooth: bool = False
     rotation: str = "none"
     chunk_size: int = 0  # 0 = unchunked prefill (the whole prompt is one chunk)
+    weights: str = "none"  # none = the model's own dtype; int8 / int4 RTN; awq4
+    weight_group_size: int = 64  # int4/awq4 group along the input dimension
+    awq_backend: str = "native"
+    prune_rate: float = 0.0  # fraction of prompt tokens evicted after prefill, per layer and head
+    prune_scorer: str = "snapkv"
+    kv_scheme: str = "static"  # static = k_bits/v_bits; adaptive/rule = per-token bit-widths
+    target_mean_bits: float = 4.0  # only for kv_scheme adaptive/rule
+    controller: str = "default"  # adaptive controller: a name or a file path
     # ((layer_index, LayerBits), ...) sorted by layer; a tuple so the Config stays hashable
     layer_bits: tuple[tuple[int, LayerBits], ...] = field(default=())
 
     def __post_init__(self) -> None:
+        # 0 and 0.0 must give the same key: store the float knobs as floats
+        for name in ("prune_rate", "target_mean_bits"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
         _check_bits("k_bits", self.k_bits)
         _check_bits("v_bits", self.v_bits)
         for name in ("k_granularity", "v_granularity"):
@@ -66,6 +88,45 @@ class Config:
             raise UserError(
                 f"chunk_size must be 0 (unchunked) or a positive integer, got {self.chunk_size!r}"
             )
+        if self.weights not in WEIGHT_METHODS:
+            raise UserError(
+                f"weights must be one of {', '.join(WEIGHT_METHODS)}, got {self.weights!r}"
+            )
+        if self.weight_group_size not in WEIGHT_GROUP_SIZES:
+            raise UserError(
+                f"weight_group_size must be one of {WEIGHT_GROUP_SIZES}, "
+                f"got {self.weight_group_size!r}"
+            )
+        if self.awq_backend not in AWQ_BACKENDS:
+            raise UserError(
+                f"awq_backend must be one of {', '.join(AWQ_BACKENDS)}, got {self.awq_backend!r}"
+            )
+        if (
+            isinstance(self.prune_rate, bool)
+            or not isinstance(self.prune_rate, int | float)
+            or not 0 <= self.prune_rate <= MAX_PRUNE_RATE
+        ):
+            raise UserError(
+                f"prune_rate must be a number in 0..{MAX_PRUNE_RATE}, got {self.prune_rate!r}"
+            )
+        if self.prune_scorer not in PRUNE_SCORERS:
+            raise UserError(
+                f"prune_scorer must be one of {', '.join(PRUNE_SCORERS)}, got {self.prune_scorer!r}"
+            )
+        if self.kv_scheme not in KV_SCHEMES:
+            raise UserError(
+                f"kv_scheme must be one of {', '.join(KV_SCHEMES)}, got {self.kv_scheme!r}"
+            )
+        if (
+            isinstance(self.target_mean_bits, bool)
+            or not isinstance(self.target_mean_bits, int | float)
+            or not 2 <= self.target_mean_bits <= 16
+        ):
+            raise UserError(
+                f"target_mean_bits must be a number in 2..16, got {self.target_mean_bits!r}"
+            )
+        if not isinstance(self.controller, str) or not self.controller:
+            raise UserError(f"controller must be a name or a path, got {self.controller!r}")
         for idx, bits in self.layer_bits:
             if not isinstance(idx, int) or idx < 0:
                 raise UserError(f"layer_bits keys must be layer indices >= 0, got {idx!r}")
@@ -104,22 +165,82 @@ class Config:
         d["layer_bits"] = {str(i): asdict(b) for i, b in self.layer_bits}
         return d
 
+    @property
+    def weight_method(self) -> tuple[str, int, str]:
+        """What decides the weights: (method, group size, AWQ backend), defaults where unused."""
+        group = self.weight_group_size if self.weights in ("int4", "awq4") else 0
+        return self.weights, group, self.awq_backend if self.weights == "awq4" else ""
+
     # --- identity -----------------------------------------------------------------------------
     def key(self) -> str:
-        """A stable hash of every knob: equal configs share trial-cache entries."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """A stable hash of every knob: equal configs share trial-cache entries.
+
+        Knobs added after the first release are left out while at their default, so trial caches
+        written before they existed stay valid.
+        """
+        data = self.to_dict()
+        for name, default in _LATER_KNOBS.items():
+            if data[name] == default:
+                del data[name]
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def bits_for_layer(self, layer_idx: int) -> LayerBits:
+        if self.weights not in WEIGHT_METHODS:
+            raise UserError(
+                f"weights must be one of {', '.join(WEIGHT_METHODS)}, got {self.weights!r}"
+            )
+        if self.weight_group_size not in WEIGHT_GROUP_SIZES:
+            raise UserError(
+                f"weight_group_size must be one of {WEIGHT_GROUP_SIZES}, "
+                f"got {self.weight_group_size!r}"
+            )
+        if self.awq_backend not in AWQ_BACKENDS:
+            raise UserError(
+                f"awq_backend must be one of {', '.join(AWQ_BACKENDS)}, got {self.awq_backend!r}"
+            )
+        if (
+            isinstance(self.prune_rate, bool)
+            or not isinstance(self.prune_rate, int | float)
+            or not 0 <= self.prune_rate <= MAX_PRUNE_RATE
+        ):
+            raise UserError(
+                f"prune_rate must be a number in 0..{MAX_PRUNE_RATE}, got {self.prune_rate!r}"
+            )
+        if self.prune_scorer not in PRUNE_SCORERS:
+            raise UserError(
+                f"prune_scorer must be one of {', '.join(PRUNE_SCORERS)}, got {self.prune_scorer!r}"
+            )
+        if self.kv_scheme not in KV_SCHEMES:
+            raise UserError(
+                f"kv_scheme must be one of {', '.join(KV_SCHEMES)}, got {self.kv_scheme!r}"
+            )
+        if (
+            isinstance(self.target_mean_bits, bool)
+            or not isinstance(self.target_mean_bits, int | float)
+            or not 2 <= self.target_mean_bits <= 16
+        ):
+            raise UserError(
+                f"target_mean_bits must be a number in 2..16, got {self.target_mean_bits!r}"
+            )
+        if not isinstance(self.controller, str) or not self.controller:
+            raise UserError(f"controller must be a name or a path, got {self.controller!r}")
         for idx, bits in self.layer_bits:
             if idx == layer_idx:
                 return bits
         return LayerBits(self.k_bits, self.v_bits)
 
     def label(self) -> str:
-        """Short human name, e.g. w16-k4v2-tok-g32-r0-c256 (weights are 16-bit until quantized)."""
-        parts = ["w16", f"k{self.k_bits}v{self.v_bits}"]
-        if self.k_bits < 16 or self.v_bits < 16:
+        """Short human name: weights, KV bits and knobs, chunk, pruning (w16 = unquantized)."""
+        weights = {"none": "w16", "int8": "w8", "int4": "w4", "awq4": "awq4"}[self.weights]
+        if self.weights in ("int4", "awq4"):
+            weights += f"g{self.weight_group_size}"
+        if self.kv_scheme == "static":
+            kv = f"k{self.k_bits}v{self.v_bits}"
+        else:
+            kv = f"{self.kv_scheme}{self.target_mean_bits:g}b"
+        parts = [weights, kv]
+        if self.kv_scheme == "static" and (self.k_bits < 16 or self.v_bits < 16):
             k, v = _GRAN_SHORT[self.k_granularity], _GRAN_SHORT[self.v_granularity]
             parts.append(k if k == v else f"{k}/{v}")
             parts.append(f"g{self.group_size}")
@@ -133,7 +254,21 @@ class Config:
         if self.layer_bits:
             parts.append(f"L{len(self.layer_bits)}")
         parts.append(f"c{self.chunk_size}")
+        if self.prune_rate:
+            parts.append(f"p{round(100 * self.prune_rate)}{self.prune_scorer}")
         return "-".join(parts)
+
+
+_LATER_KNOBS = {
+    "weights": "none",
+    "weight_group_size": 64,
+    "awq_backend": "native",
+    "prune_rate": 0.0,
+    "prune_scorer": "snapkv",
+    "kv_scheme": "static",
+    "target_mean_bits": 4.0,
+    "controller": "default",
+}
 
 
 def _check_bits(name: str, value: object) -> None:

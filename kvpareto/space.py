@@ -15,9 +15,11 @@ Per-layer mixed precision (KVTuner-style): `layer_groups: G` splits the decoder 
 contiguous groups and `layer_pairs: [k8v4, k4v2, ...]` lists the K/V pairs each group may take.
 
 Knobs are conditional: a quantization knob (granularity, group size, residual window, symmetric,
-smoothing, rotation) is only chosen for a stream that is actually quantized (bits < 16); where it
-does not apply, the Config default stands. So two proposals that differ only in knobs that do not
-apply are the same Config, and the trial cache serves the second one for free.
+smoothing, rotation) is only chosen for a stream that is actually quantized (bits < 16), the weight
+group size only for int4/awq4 weights, the AWQ backend only for awq4, and the pruning scorer only
+for a prune rate above 0; where a knob does not apply, the Config default stands. So two proposals
+that differ only in knobs that do not apply are the same Config, and the trial cache serves the
+second one for free.
 
 Errors name the key and its line in the file. Knows nothing of models or optuna internals beyond
 the `suggest_categorical` call.
@@ -39,6 +41,12 @@ _CONFIG_KEYS = [f.name for f in fields(Config) if f.name != "layer_bits"]
 _K_KNOBS = ("k_granularity", "k_smooth")
 _V_KNOBS = ("v_granularity",)
 _SHARED_KNOBS = ("group_size", "residual_length", "symmetric", "rotation")
+# (knob, the condition under which it applies): otherwise the Config default stands
+_WEIGHT_KNOBS = (
+    ("weight_group_size", lambda d: d.get("weights") in ("int4", "awq4")),
+    ("awq_backend", lambda d: d.get("weights") == "awq4"),
+)
+_PRUNE_KNOBS = (("prune_scorer", lambda d: d.get("prune_rate", 0) > 0),)
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,11 @@ class SearchSpace:
             else:
                 picked[key] = trial.suggest_categorical(key, list(options))
 
-        for key in ("k_bits", "v_bits", "chunk_size"):
+        for key in ("k_bits", "v_bits", "chunk_size", "weights", "prune_rate"):
             choose(key)
+        for key, applies in _WEIGHT_KNOBS + _PRUNE_KNOBS:
+            if applies(picked):
+                choose(key)
         if self.layer_groups:
             names = [_pair_name(p) for p in self.layer_pairs]
             pairs = [
@@ -112,6 +123,9 @@ def canonical(cfg: Config) -> Config:
             data[key] = getattr(default, key)
     if not (k_q or v_q):
         for key in _SHARED_KNOBS:
+            data[key] = getattr(default, key)
+    for key, applies in _WEIGHT_KNOBS + _PRUNE_KNOBS:
+        if not applies(data):
             data[key] = getattr(default, key)
     return Config.from_dict(data)
 

@@ -38,6 +38,7 @@ def run_trial(
     memory_length: int | None = None,
 ) -> dict:
     """Evaluate `config`; memory is taken at `memory_length` tokens, or the longest prompt."""
+    _check_supported(config)
     model, tok = loaded.model, loaded.tokenizer
     _check_lengths(loaded, context_lengths)
     tasks = [get_task(name) for name in task_names]
@@ -137,6 +138,20 @@ def _memory(
         modeled_activation_peak(model.config, config, len(prompt), dtype),
     )
     return measured, modeled
+
+
+def _check_supported(config: Config) -> None:
+    """Knobs whose runtime is still being built fail loudly rather than being ignored."""
+    from kvpareto.errors import UserError
+
+    pending = {
+        "weights": config.weights != "none",
+        "prune_rate": config.prune_rate > 0,
+        "kv_scheme": config.kv_scheme != "static",
+    }
+    for knob, used in pending.items():
+        if used:
+            raise UserError(f"{knob} is not implemented yet in this build")
 
 
 def _check_lengths(loaded: LoadedModel, lengths: list[int]) -> None:
