@@ -4,7 +4,10 @@ Targets live here, not in tests: tests check behaviour, wall time belongs to ben
 - decode tokens/s of our cache at 16/8/4/2 bits over transformers' DynamicCache;
 - ours at 4 bits over transformers' QuantizedCache with the quanto backend at 4 bits;
 - prefill tokens/s chunked over unchunked;
-- the measured activation peak against chunk size.
+- the measured activation peak against chunk size;
+- weight quantization: AWQ and RTN quantization time, and weight bytes and decode tokens/s of
+  int8/int4/awq4 over the unquantized model;
+- KV pruning: NIAH accuracy and KV bytes against prune rate, over no pruning.
 Decode rates are timed round-robin across caches (see `decode_rates`); the median is kept.
 """
 
@@ -50,21 +53,28 @@ def decode_rates(model, caches: dict[str, Callable], prompt: torch.Tensor, steps
     Every cache is prefilled once with the same prompt; each round then times `steps` greedy
     steps on each cache in turn. The median over rounds is kept.
     """
+    runs = {name: (model, make) for name, make in caches.items()}
+    return model_decode_rates(runs, prompt, steps, rounds)
+
+
+@torch.inference_mode()
+def model_decode_rates(runs: dict[str, tuple], prompt: torch.Tensor, steps: int, rounds: int):
+    """`decode_rates` over (model, cache factory) pairs, so different weights can take turns."""
     live = {}
-    for name, make in caches.items():
+    for name, (model, make) in runs.items():
         cache = make()
         token = prefill(model, prompt, cache, 0).argmax(-1)
         model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up
-        live[name] = (cache, token)
-    timings: dict[str, list[float]] = {name: [] for name in caches}
+        live[name] = (model, cache, token)
+    timings: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, (cache, token) in live.items():
+        for name, (model, cache, token) in live.items():
             start = time.perf_counter()
             for _ in range(steps):
                 out = model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
                 token = out.logits[:, -1].argmax(-1)
             timings[name].append(steps / (time.perf_counter() - start))
-            live[name] = (cache, token)
+            live[name] = (model, cache, token)
     return {name: statistics.median(rates) for name, rates in timings.items()}
 
 
@@ -125,4 +135,84 @@ def run_bench(model, lengths: list[int], steps: int = 16, repeats: int = 3, log=
             rows["activation"].append(
                 {"context": length, "chunk_size": chunk, "activation_peak_bytes": peak}
             )
+    return rows
+
+
+WEIGHT_METHODS = ("int8", "int4", "awq4")
+PRUNE_RATES = (0.0, 0.25, 0.5, 0.75)
+
+
+def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> list[dict]:
+    """Quantization time, measured weight bytes and decode tokens/s of each method over none.
+
+    Quantization is timed from scratch (the disk cache is bypassed); decode runs a 16-bit KV
+    cache, so only the weights differ between the models that take turns.
+    """
+    import copy
+
+    from kvpareto.memory import weights_bytes_measured
+    from kvpareto.quant.weights import QUANTIZERS, calibration_ids
+
+    base = loaded.model
+    dtype = next(base.parameters()).dtype
+    models, seconds = {"none": base}, {}
+    for method in WEIGHT_METHODS:
+        quantizer = QUANTIZERS[method]
+        start = time.perf_counter()
+        calibration = calibration_ids(loaded.tokenizer) if quantizer.needs_calibration else None
+        model = copy.deepcopy(base)
+        quantizer.quantize(model, 64, calibration, None)
+        seconds[method] = time.perf_counter() - start
+        models[method] = model
+        log(f"weights {method} g64: quantized in {seconds[method]:.1f} s")
+    runs = {
+        name: (m, lambda m=m: QuantizedKVCache(m.config, Config(), dtype))
+        for name, m in models.items()
+    }
+    rates = model_decode_rates(runs, _prompt(length), steps, repeats)
+    base_bytes = weights_bytes_measured(base)
+    rows = []
+    for name, model in models.items():
+        held = weights_bytes_measured(model)
+        rows.append(
+            {
+                "weights": name,
+                "context": length,
+                "quantize_s": seconds.get(name),
+                "weights_bytes": held,
+                "bytes_vs_none": held / base_bytes,
+                "tokens_per_s": rates[name],
+                "vs_none": rates[name] / rates["none"],
+            }
+        )
+        log(
+            f"weights {name}: {held / 2**20:.1f} MiB ({held / base_bytes:.2f}x), "
+            f"decode {rates[name]:.1f} tok/s ({rates[name] / rates['none']:.2f}x)"
+        )
+    return rows
+
+
+def prune_bench(loaded, length: int, samples: int, log=print) -> list[dict]:
+    """NIAH accuracy and measured KV bytes against prune rate (SnapKV-style scores, k4v4)."""
+    from kvpareto.trial import run_trial
+
+    rows = []
+    for rate in PRUNE_RATES:
+        cfg = Config(k_bits=4, v_bits=4, prune_rate=rate, prune_scorer="snapkv")
+        r = run_trial(loaded, cfg, ["niah"], [length], samples, seed=0)
+        rows.append(
+            {
+                "prune_rate": rate,
+                "context": length,
+                "accuracy": r["accuracy"],
+                "accuracy_ci": r["accuracy_ci"],
+                "kv_bytes": r["memory"]["kv_bytes"],
+            }
+        )
+    for row in rows:
+        row["kv_vs_unpruned"] = row["kv_bytes"] / rows[0]["kv_bytes"]
+        log(
+            f"prune {row['prune_rate']:.2f}: accuracy {row['accuracy']:.2f}, "
+            f"KV {row['kv_bytes'] / 2**20:.2f} MiB ({row['kv_vs_unpruned']:.2f}x)"
+        )
     return rows

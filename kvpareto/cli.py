@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List, inspect and install models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
+controller_app = typer.Typer(help="Train adaptive KV-precision controllers (--kv-scheme adaptive).")
+app.add_typer(controller_app, name="controller")
 
 # Rich assumes 80 columns when output is not a terminal; tables read better a little wider.
 out = Console(width=None if sys.stdout.isatty() else 120)
@@ -126,8 +128,13 @@ def eval_command(
     config_file: Path | None = typer.Option(
         None, "--config", help="YAML/JSON file of config keys."
     ),
-    tasks: str = typer.Option("niah", help="Comma-separated task names."),
+    tasks: str = typer.Option(
+        "niah", help="Comma-separated task names; lm-eval:NAME runs an lm-eval task."
+    ),
     context_lengths: str = typer.Option("1024", help="Comma-separated prompt lengths in tokens."),
+    perplexity: bool = typer.Option(
+        False, "--perplexity", help="Also measure held-out perplexity (a separate metric)."
+    ),
     samples: int = typer.Option(5, min=1, help="Samples per task and context length."),
     seed: int = typer.Option(0, help="Seed for the generated task data."),
     dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16, float32 or float16."),
@@ -195,6 +202,7 @@ def eval_command(
             samples,
             seed,
             progress=lambda done, total: bar.update(job, completed=done, total=total),
+            perplexity=perplexity,
         )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -210,28 +218,68 @@ def bench_command(
     repeats: int = typer.Option(3, min=1, help="Timed runs per figure (the median is kept)."),
     threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
     dtype: str = typer.Option("bfloat16", help="Compute dtype."),
+    parts: str = typer.Option("kv,weights,prune", help="Which benchmarks: kv, weights, prune."),
+    prune_samples: int = typer.Option(10, min=1, help="NIAH prompts per prune rate."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Measure decode/prefill speed and activation peak as ratios against in-run baselines.
+    """Measure speed, memory and accuracy as ratios against baselines measured in the same run.
 
     Example: kvpareto bench --model smollm2-135m --threads 2
     """
     import torch
 
-    from kvpareto.bench import run_bench
+    from kvpareto.bench import prune_bench, run_bench, weight_bench
     from kvpareto.models import load_model
 
     lengths = _csv_ints(context_lengths, "--context-lengths")
+    chosen = {p.strip() for p in parts.split(",") if p.strip()}
+    if not chosen or chosen - {"kv", "weights", "prune"}:
+        raise UserError(
+            f"--parts takes a comma-separated subset of kv, weights, prune; got {parts!r}"
+        )
     if threads:
         torch.set_num_threads(threads)
     with err.status(f"loading {model}"):
         loaded = load_model(model, dtype=getattr(torch, _dtype_name(dtype)))
-    rows = run_bench(
-        loaded.model, lengths, steps, repeats, log=lambda m: err.print(m, highlight=False)
-    )
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    rows = run_bench(loaded.model, lengths, steps, repeats, log=log) if "kv" in chosen else {}
+    if "weights" in chosen:
+        rows["weights"] = weight_bench(loaded, min(lengths), steps, repeats, log=log)
+    if "prune" in chosen:
+        rows["prune"] = prune_bench(loaded, min(lengths), prune_samples, log=log)
     rows["model"], rows["threads"], rows["dtype"] = loaded.spec.name, torch.get_num_threads(), dtype
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
+        return
+    if "weights" in rows:
+        table = Table(title=f"weights (16-bit KV, decode at {min(lengths)} tokens)")
+        for col in ("weights", "quantize s", "MiB", "÷ none", "decode tok/s", "÷ none "):
+            table.add_column(col)
+        for r in rows["weights"]:
+            table.add_row(
+                r["weights"],
+                f"{r['quantize_s']:.1f}" if r["quantize_s"] is not None else "",
+                _mib(r["weights_bytes"]),
+                f"{r['bytes_vs_none']:.2f}x",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['vs_none']:.2f}x",
+            )
+        out.print(table)
+    if "prune" in rows:
+        table = Table(title=f"KV pruning (snapkv, k4v4, NIAH at {min(lengths)} tokens)")
+        for col in ("prune rate", "accuracy", "95% CI", "KV MiB", "÷ unpruned"):
+            table.add_column(col)
+        for r in rows["prune"]:
+            lo, hi = r["accuracy_ci"]
+            table.add_row(
+                f"{r['prune_rate']:.2f}",
+                f"{r['accuracy']:.2f}",
+                f"[{lo:.2f}, {hi:.2f}]",
+                _mib(r["kv_bytes"]),
+                f"{r['kv_vs_unpruned']:.2f}x",
+            )
+        out.print(table)
+    if "decode" not in rows:
         return
     decode = Table(title=f"decode tokens/s, {rows['threads']} threads, {dtype}")
     for col in ("context", "KV bits", "ours tok/s", "÷ DynamicCache", "÷ quanto-4"):
@@ -266,8 +314,13 @@ def search_command(
         ["smollm2-135m"], "--model", "-m", help="Model(s); repeat the flag."
     ),
     space: Path = typer.Option(Path("search_spaces/default.yaml"), help="Search-space YAML."),
-    tasks: str = typer.Option("niah", help="Comma-separated task names."),
+    tasks: str = typer.Option(
+        "niah", help="Comma-separated task names; lm-eval:NAME runs an lm-eval task."
+    ),
     context_length: int = typer.Option(2048, help="Context length at which memory is compared."),
+    perplexity: bool = typer.Option(
+        False, "--perplexity", help="Also measure held-out perplexity per trial (not an objective)."
+    ),
     task_lengths: str | None = typer.Option(
         None, help="Prompt lengths for tasks (default: context)."
     ),
@@ -326,6 +379,7 @@ def search_command(
             lengths=lengths,
             dtype=_dtype_name(dtype),
             threads=threads,
+            perplexity=perplexity,
         )
         for m in model
     ]
@@ -354,6 +408,22 @@ def search_command(
         page = write_report([settings.study_dir()], settings.study_dir() / "report.html")
         typer.echo(f"results: {settings.study_dir()}")
         typer.echo(f"report: {page}")
+
+
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def lm_eval_command(ctx: typer.Context) -> None:
+    """lm-eval's own command line with the `kvpareto` model registered (see README).
+
+    Example: kvpareto lm-eval --model kvpareto --model_args model=smollm2-135m,k_bits=4,v_bits=4
+    --tasks niah_single_1 --metadata max_seq_lengths=[1024] --limit 5
+    """
+    from kvpareto.lmeval_bridge import main as lm_eval_main
+
+    lm_eval_main(ctx.args)
 
 
 @app.command("frontier")
@@ -421,7 +491,8 @@ def _print_frontier(model: str, summary: dict) -> None:
     )
     table.add_column("")
     table.add_column("config", no_wrap=True)
-    for col in ("MB", "vs base", "acc", "95% CI", "Δ acc"):
+    with_ppl = any(e.get("perplexity") is not None for e in summary["frontier"])
+    for col in ("MB", "vs base", "acc", "95% CI", "Δ acc") + (("Δ ppl",) if with_ppl else ()):
         table.add_column(col, no_wrap=True)
     for e in summary["frontier"]:
         mark = ("K" if e["knee"] else "") + ("~" if e["indistinguishable"] else "")
@@ -436,7 +507,8 @@ def _print_frontier(model: str, summary: dict) -> None:
             else f"+{-e['memory_reduction']:.1%}",
             f"{e['accuracy']:.3f}",
             f"[{lo:.2f}, {hi:.2f}]",
-            "" if delta is None else f"{delta:+.3f}",
+            _delta(delta),
+            *([_delta(e.get("delta_perplexity"))] if with_ppl else []),
         )
     out.print(table)
     if base:
@@ -444,6 +516,10 @@ def _print_frontier(model: str, summary: dict) -> None:
             f"baseline {base['label']}: {base['total_bytes'] / 1e6:.1f} MB, "
             f"accuracy {base['accuracy']:.3f}"
         )
+
+
+def _delta(value: float | None) -> str:
+    return "" if value is None else f"{value:+.3f}"
 
 
 def _mib(n: int) -> str:
@@ -472,12 +548,21 @@ def _print_result(r: dict) -> None:
         )
     out.print(mem)
     t = r["timing"]
-    decode = t["decode_ms_per_token"]
+    prefill, decode = t["prefill_tokens_per_s"], t["decode_ms_per_token"]
     out.print(
-        f"prefill {t['prefill_tokens_per_s']:.0f} tokens/s, decode "
+        "prefill "
+        + (f"{prefill:.0f} tokens/s" if prefill else "n/a")
+        + ", decode "
         + (f"{decode:.1f} ms/token" if decode else "n/a")
         + f" ({r['threads']} threads, {r['dtype']})"
+        + (f"; mean KV bits {r['mean_bits']:.2f}" if r.get("mean_bits") is not None else "")
     )
+    if "perplexity" in r:
+        ppl = r["perplexity"]
+        out.print(
+            f"perplexity {ppl['value']:.3f} ({ppl['delta_vs_baseline']:+.3f} vs the 16-bit "
+            f"baseline {ppl['baseline']:.3f}) on {ppl['tokens']} tokens of {ppl['text']}"
+        )
 
 
 @models_app.callback()
@@ -525,6 +610,51 @@ def models_pull(name: str = typer.Argument(..., help="A catalog name, e.g. smoll
     with err.status(f"pulling {name} (install, verify sha256, convert; first time only)"):
         path = pull(name)
     typer.echo(f"{name}: ready at {path}")
+
+
+@controller_app.command("train")
+def controller_train(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model to calibrate on."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Controller file to write (.pt)."),
+    samples: int = typer.Option(
+        1, min=1, help="Calibration prompts per task (niah, qa, vt, niah-mk)."
+    ),
+    context_length: int = typer.Option(1024, min=64, help="Calibration prompt length in tokens."),
+    threshold: float = typer.Option(
+        0.002, min=0.0, help="Attention-output error a token's width must keep under."
+    ),
+    seed: int = typer.Option(0, help="Seed for prompts and training."),
+    threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Label tokens on calibration prompts and fit the controller MLP.
+
+    Example: kvpareto controller train --model smollm2-135m --out my-controller.pt
+    """
+    import torch
+
+    from kvpareto.calibrate import train_controller
+    from kvpareto.models import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    with err.status(f"loading {model}"):
+        loaded = load_model(model, dtype=torch.bfloat16)
+    with err.status("calibrating and fitting"):
+        summary = train_controller(loaded, out_file, samples, context_length, threshold, seed)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"controller {summary['out']} ({summary['bytes']} bytes)")
+    for col in ("prompts", "tokens", "labels 2/4/8/16", "rank agreement"):
+        table.add_column(col)
+    table.add_row(
+        str(summary["prompts"]),
+        str(summary["tokens"]),
+        "/".join(str(n) for n in summary["label_counts"].values()),
+        f"{summary['rank_agreement']:.3f}",
+    )
+    out.print(table)
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 Prefill feeds the prompt in chunks of `chunk_size` tokens (0 = one chunk) through a fresh
 `QuantizedKVCache`, asking for the last position's logits only (full logits would dominate the
-activation peak). Decode then appends one greedy token at a time until an end-of-sequence token,
-a stop string, or `max_new_tokens`.
+activation peak). With token pruning, the prompt's tokens are evicted chunk by chunk as they
+arrive (`kvpareto.quant.pruning`), and a scorer that needs queries gets them from hooks that live
+only as long as the prefill. Decode then appends one greedy token at a time until an
+end-of-sequence token, a stop string, or `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from kvpareto.config import Config
+from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.kv_cache import QuantizedKVCache
+from kvpareto.quant.pruning import observe_queries
 
 
 class NonFiniteLogits(RuntimeError):
@@ -50,14 +54,51 @@ def prefill(
 ) -> torch.Tensor:
     """Run the prompt through the cache chunk by chunk; return the last position's logits."""
     step = chunk_size or input_ids.shape[1]
-    for start in range(0, input_ids.shape[1], step):
-        out = model(
-            input_ids[:, start : start + step],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+    with observe_queries(model, cache):
+        for start in range(0, input_ids.shape[1], step):
+            out = model(
+                input_ids[:, start : start + step],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
     return out.logits[:, -1]
+
+
+@torch.inference_mode()
+def score_tokens(
+    model, input_ids: torch.Tensor, config: Config, start: int, block: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced scoring of input_ids[0, start:] (start >= 1) under `config`.
+
+    input_ids[:start] is the prompt: `prefill` runs it into a fresh cache, chunked (and pruned)
+    as the config says, and its last logits score token `start`. The rest is then fed like
+    decoding, but with the given tokens and `block` tokens at a time (0: all at once): each
+    block attends to itself in full precision and to everything before it as the cache holds it.
+    So a scored token always reads the prompt quantized, even with unchunked prefill, as a
+    generated answer would. Each block's logits are reduced at once.
+    Returns (log-probability of each scored token, whether it was the greedy choice).
+    """
+    dtype = next(model.parameters()).dtype
+    cache = make_cache(model, config, dtype, prompt_length=start)
+    logprobs, greedy = [], []
+
+    def take(logits: torch.Tensor, first: int) -> None:
+        """Score tokens first, first+1, ... with logits [positions, vocab]."""
+        logits = logits.float()
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLogits(f"non-finite logits while scoring under {config.label()}")
+        targets = input_ids[0, first : first + logits.shape[0]]
+        logprobs.append(logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0])
+        greedy.append(logits.argmax(-1) == targets)
+
+    take(prefill(model, input_ids[:, :start], cache, config.chunk_size), start)
+    rest = input_ids[:, start:-1]  # the last token predicts nothing that is scored
+    step = block or max(rest.shape[1], 1)
+    for begin in range(0, rest.shape[1], step):
+        out = model(rest[:, begin : begin + step], past_key_values=cache, use_cache=True)
+        take(out.logits[0], start + begin + 1)
+    return torch.cat(logprobs), torch.cat(greedy)
 
 
 @torch.inference_mode()
@@ -70,7 +111,7 @@ def generate(
     stop_strings: tuple[str, ...] = (),
 ) -> Generation:
     dtype = next(model.parameters()).dtype
-    cache = QuantizedKVCache(model.config, config, dtype)
+    cache = make_cache(model, config, dtype, prompt_length=input_ids.shape[1])
     stops = stop_token_ids(model, tokenizer)
 
     t0 = time.perf_counter()

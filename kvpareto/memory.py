@@ -22,13 +22,13 @@ from torch.utils._pytree import tree_flatten
 
 from kvpareto.config import Config
 from kvpareto.engine import prefill
-from kvpareto.quant.kv_cache import QuantizedKVCache
+from kvpareto.quant.adaptive import make_cache
 
 
 @dataclass
 class MemoryParts:
     weights_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # the most the KV cache held during prefill (see measure_prefill)
     activation_peak_bytes: int
 
     @property
@@ -53,10 +53,21 @@ def weights_bytes_measured(model: torch.nn.Module) -> int:
 
 
 def weights_bytes_modeled(model: torch.nn.Module) -> int:
-    """Parameter count (tied counted once) times element size, plus buffers."""
-    params = {id(p): p for p in model.parameters()}
-    tensors = list(params.values()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Parameter count (tied counted once) times element size, plus buffers; a packed linear
+    counts by its closed form (`PackedLinear.modeled_nbytes`), not by its tensors."""
+    from kvpareto.quant.packed_linear import PackedLinear
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            total += module.modeled_nbytes()
+            seen.update(id(t) for t in module.parameters())
+            continue
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -91,9 +102,14 @@ class _LiveBytes(TorchDispatchMode):
 
 @torch.inference_mode()
 def measure_prefill(model, input_ids: torch.Tensor, config: Config) -> tuple[int, int]:
-    """Run one prefill; return (activation peak bytes, KV bytes at the end), both measured."""
+    """Run one prefill; return (activation peak bytes, KV peak bytes), both measured.
+
+    The KV figure is the most the cache held after any layer update (`peak_nbytes`), which is
+    what a device must have room for: the bytes at the end of the prompt, unless a full-precision
+    tail was flushed into tiles or a window slid on the way there.
+    """
     dtype = next(model.parameters()).dtype
-    cache = QuantizedKVCache(model.config, config, dtype)
+    cache = make_cache(model, config, dtype, prompt_length=input_ids.shape[1])
     if input_ids.device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -101,9 +117,9 @@ def measure_prefill(model, input_ids: torch.Tensor, config: Config) -> tuple[int
         prefill(model, input_ids, cache, config.chunk_size)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base - cache.nbytes()
-        return max(peak, 0), cache.nbytes()
+        return max(peak, 0), cache.peak_nbytes
     ignore = set(_unique_storages(list(model.parameters()) + list(model.buffers())))
     ignore.add(input_ids.untyped_storage().data_ptr())
     with _LiveBytes(ignore, cache.nbytes) as tracker:
         prefill(model, input_ids, cache, config.chunk_size)
-    return tracker.peak, cache.nbytes()
+    return tracker.peak, cache.peak_nbytes

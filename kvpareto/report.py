@@ -185,7 +185,13 @@ def memory_figure(st: Study) -> go.Figure:
 
 def _niah_grid(row) -> pd.DataFrame | None:
     raw = row.get("samples_json") if hasattr(row, "get") else None
-    samples = [s for s in json.loads(raw or "[]") if s.get("task") == "niah"]
+    # Every NIAH variant (niah, niah-mk, niah-mv:uuid, ...) records depth and context length;
+    # they are pooled into one grid per trial.
+    samples = [
+        s
+        for s in json.loads(raw or "[]")
+        if str(s.get("task", "")).startswith("niah") and "depth" in s
+    ]
     if not samples:
         return None
     frame = pd.DataFrame(samples)

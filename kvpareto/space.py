@@ -17,7 +17,9 @@ contiguous groups and `layer_pairs: [k8v4, k4v2, ...]` lists the K/V pairs each 
 Knobs are conditional: a quantization knob (granularity, group size, residual window, symmetric,
 smoothing, rotation) is only chosen for a stream that is actually quantized (bits < 16), the weight
 group size only for int4/awq4 weights, the AWQ backend only for awq4, and the pruning scorer only
-for a prune rate above 0; where a knob does not apply, the Config default stands. So two proposals
+for a prune rate above 0; kv_scheme adaptive/rule replace k_bits, v_bits and layer pairs by
+target_mean_bits (and controller, for adaptive), keeping only group_size and symmetric of the
+quantization knobs; where a knob does not apply, the Config default stands. So two proposals
 that differ only in knobs that do not apply are the same Config, and the trial cache serves the
 second one for free.
 
@@ -36,6 +38,7 @@ import yaml
 
 from kvpareto.config import Config
 from kvpareto.errors import UserError
+from kvpareto.quant.awq_backends import check_backend
 
 _CONFIG_KEYS = [f.name for f in fields(Config) if f.name != "layer_bits"]
 _K_KNOBS = ("k_granularity", "k_smooth")
@@ -47,6 +50,13 @@ _WEIGHT_KNOBS = (
     ("awq_backend", lambda d: d.get("weights") == "awq4"),
 )
 _PRUNE_KNOBS = (("prune_scorer", lambda d: d.get("prune_rate", 0) > 0),)
+# kv_scheme adaptive/rule choose per-token bits themselves: k_bits, v_bits and per-layer bits do
+# not apply, and of the quantization knobs only the pools' tile (group, symmetric) does.
+_SCHEME_KNOBS = (
+    ("target_mean_bits", lambda d: d.get("kv_scheme", "static") != "static"),
+    ("controller", lambda d: d.get("kv_scheme") == "adaptive"),
+)
+_POOL_KNOBS = ("group_size", "symmetric")
 
 
 @dataclass(frozen=True)
@@ -72,12 +82,16 @@ class SearchSpace:
             else:
                 picked[key] = trial.suggest_categorical(key, list(options))
 
-        for key in ("k_bits", "v_bits", "chunk_size", "weights", "prune_rate"):
+        choose("kv_scheme")
+        scheme = picked.get("kv_scheme", "static") != "static"
+        for key in ("chunk_size", "weights", "prune_rate") + (
+            () if scheme else ("k_bits", "v_bits")
+        ):
             choose(key)
-        for key, applies in _WEIGHT_KNOBS + _PRUNE_KNOBS:
+        for key, applies in _WEIGHT_KNOBS + _PRUNE_KNOBS + _SCHEME_KNOBS:
             if applies(picked):
                 choose(key)
-        if self.layer_groups:
+        if self.layer_groups and not scheme:
             names = [_pair_name(p) for p in self.layer_pairs]
             pairs = [
                 _parse_pair(trial.suggest_categorical(f"layer_group_{g}", names))
@@ -94,7 +108,7 @@ class SearchSpace:
             choose(key)
         for key in _V_KNOBS if v_q else ():
             choose(key)
-        for key in _SHARED_KNOBS if (k_q or v_q) else ():
+        for key in _SHARED_KNOBS if (k_q or v_q) else _POOL_KNOBS if scheme else ():
             choose(key)
         return canonical(Config.from_dict(picked))
 
@@ -114,6 +128,9 @@ def canonical(cfg: Config) -> Config:
     """Reset the knobs that do not apply to their defaults, so equal behaviour means equal key."""
     default = Config()
     data = cfg.to_dict()
+    scheme = data["kv_scheme"] != "static"
+    if scheme:
+        data.update(k_bits=default.k_bits, v_bits=default.v_bits, layer_bits={})
     k_q, v_q = _quantized(data)
     if not k_q:
         for key in _K_KNOBS:
@@ -121,10 +138,10 @@ def canonical(cfg: Config) -> Config:
     if not v_q:
         for key in _V_KNOBS:
             data[key] = getattr(default, key)
-    if not (k_q or v_q):
-        for key in _SHARED_KNOBS:
+    for key in _SHARED_KNOBS:
+        if not (k_q or v_q or (scheme and key in _POOL_KNOBS)):
             data[key] = getattr(default, key)
-    for key, applies in _WEIGHT_KNOBS + _PRUNE_KNOBS:
+    for key, applies in _WEIGHT_KNOBS + _PRUNE_KNOBS + _SCHEME_KNOBS:
         if not applies(data):
             data[key] = getattr(default, key)
     return Config.from_dict(data)
@@ -243,6 +260,12 @@ def load_space(path: Path | str) -> SearchSpace:
                 raise fail(key, f"invalid value {option!r}", params) from None
         if len(set(options)) != len(options):
             raise fail(key, "lists a value twice", params)
+        if key == "awq_backend":
+            for option in options:
+                try:
+                    check_backend(option)
+                except UserError as e:
+                    raise fail(key, str(e), params) from None
         choices[key] = options
     unknown = sorted(set(params) - set(_CONFIG_KEYS))
     if unknown:

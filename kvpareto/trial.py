@@ -7,13 +7,14 @@ which is what a deployment must hold; timing is prefill tokens/s and decode ms/t
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 import torch
 
 from kvpareto.config import Config
-from kvpareto.engine import generate
+from kvpareto.engine import generate, score_tokens
 from kvpareto.memory import (
     MemoryParts,
     measure_prefill,
@@ -22,9 +23,11 @@ from kvpareto.memory import (
 )
 from kvpareto.memory_model import modeled_activation_peak
 from kvpareto.models import LoadedModel
-from kvpareto.quant.kv_cache import QuantizedKVCache
+from kvpareto.quant.adaptive import make_cache, mean_bits
+from kvpareto.quant.weights import quantized_model
 from kvpareto.stats import wilson
 from kvpareto.tasks import get_task
+from kvpareto.tasks.perplexity import BLOCK, SOURCE, TEXT_VERSION, held_out_ids
 
 
 def run_trial(
@@ -36,39 +39,62 @@ def run_trial(
     seed: int,
     progress: Callable[[int, int], None] | None = None,
     memory_length: int | None = None,
+    perplexity: bool = False,
 ) -> dict:
-    """Evaluate `config`; memory is taken at `memory_length` tokens, or the longest prompt."""
-    _check_supported(config)
+    """Evaluate `config`; memory is taken at `memory_length` tokens, or the longest prompt.
+
+    With `perplexity`, the held-out text's perplexity at the longest context length is measured
+    too, as a metric of its own beside accuracy."""
     model, tok = loaded.model, loaded.tokenizer
-    _check_lengths(loaded, context_lengths)
     tasks = [get_task(name) for name in task_names]
+    _check_lengths(loaded, context_lengths, max(t.max_new_tokens for t in tasks))
     work = [
         (task, s)
         for task in tasks
+        if not task.runs_itself
         for length in context_lengths
         for s in task.samples(tok, length, samples, seed)
     ]
     for task, sample in work:
         if task.needs_reference:
             sample.answer = _reference(loaded, task, sample)
-    per_task: dict[str, list[bool]] = {t.name: [] for t in tasks}
+    # References come from the unquantized model above; everything below runs the trial's weights.
+    baseline, loaded = loaded, quantized_model(loaded, config)
+    model = loaded.model
+    own = [(task, length) for task in tasks if task.runs_itself for length in context_lengths]
+    per_task: dict[str, list[float]] = {t.name: [] for t in tasks}
     outcomes = []
     prefill_tokens = prefill_s = decode_steps = decode_s = 0.0
+    cached_tokens = cached_bits = 0.0  # for the mean KV bits, token-weighted over prompts
     for i, (task, sample) in enumerate(work):
         ids = torch.tensor([sample.input_ids])
         gen = generate(model, tok, ids, config, max_new_tokens=task.max_new_tokens)
         correct = task.score(sample, gen.text)
         per_task[task.name].append(correct)
-        outcomes.append({"task": task.name, **sample.meta, "correct": correct})
+        details = task.details(sample, gen.text)
+        outcomes.append({"task": task.name, **sample.meta, **details, "correct": correct})
         prefill_tokens += gen.prompt_tokens
         prefill_s += gen.prefill_s
         decode_steps += gen.decode_steps
         decode_s += gen.decode_s
+        cached_tokens += gen.cache.get_seq_length()
+        cached_bits += mean_bits(gen.cache) * gen.cache.get_seq_length()
         if progress:
-            progress(i + 1, len(work))
+            progress(i + 1, len(work) + len(own))
+    for j, (task, length) in enumerate(own, start=len(work) + 1):
+        # Tasks with their own requests and metrics (lm-eval) score partly right answers too.
+        for index, score in enumerate(task.evaluate(loaded, config, length, samples, seed)):
+            per_task[task.name].append(score)
+            outcomes.append(
+                {"task": task.name, "context_length": length, "index": index, "correct": score}
+            )
+        if progress:
+            progress(j, len(work) + len(own))
 
-    longest = max(work, key=lambda w: len(w[1].input_ids))[1].input_ids
+    # Tasks that run themselves hand back no prompts: their memory is taken at the longest length.
+    longest = max((s.input_ids for _, s in work), key=len, default=None)
     memory_prompt = longest
+    memory_length = memory_length or (None if longest else max(context_lengths))
     if memory_length:
         # KV bytes and activations depend on the length only: any seeded tokens will do.
         gen = torch.Generator().manual_seed(memory_length)
@@ -77,7 +103,7 @@ def run_trial(
     memory, modeled = _memory(loaded, config, memory_prompt)
     hits = [ok for oks in per_task.values() for ok in oks]
     acc = sum(hits) / len(hits)
-    return {
+    result = {
         "model": loaded.spec.name,
         "model_hash": loaded.model_hash,
         "config": config.to_dict(),
@@ -95,22 +121,52 @@ def run_trial(
         "accuracy": acc,
         "accuracy_ci": list(wilson(sum(hits), len(hits))),
         "n": len(hits),
+        "mean_bits": cached_bits / cached_tokens if cached_tokens else None,
         "context_lengths": context_lengths,
         "samples": outcomes,
-        "longest_prompt_tokens": len(longest),
+        "longest_prompt_tokens": len(longest or memory_prompt),
         "memory_tokens": len(memory_prompt),
         "memory": {**memory.to_dict(), "modeled": modeled.to_dict(), "measured": True},
         "timing": {
             "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
             "decode_ms_per_token": 1000 * decode_s / decode_steps if decode_steps else None,
         },
+        "weights": _weights_summary(loaded, config),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if perplexity:
+        result["perplexity"] = _perplexity(baseline, loaded, config, max(context_lengths), seed)
+    return result
 
 
 _REFERENCES: dict[tuple, str] = {}
+_BASELINE_PERPLEXITY: dict[tuple, float] = {}
+
+
+def _perplexity(
+    baseline: LoadedModel, loaded: LoadedModel, config: Config, n_tokens: int, seed: int
+) -> dict:
+    """Perplexity of the held-out text's second half through the cache (`tasks.perplexity`),
+    and its change from the 16-bit baseline (unquantized weights and cache), computed once."""
+    ids = torch.tensor([held_out_ids(loaded.tokenizer, n_tokens, seed)])
+    key = (baseline.model_hash, TEXT_VERSION, n_tokens, seed)
+    if key not in _BASELINE_PERPLEXITY:
+        _BASELINE_PERPLEXITY[key] = _ppl(baseline.model, ids, Config())
+    value, base = _ppl(loaded.model, ids, config), _BASELINE_PERPLEXITY[key]
+    return {
+        "value": value,
+        "tokens": n_tokens - n_tokens // 2,
+        "text": SOURCE,
+        "baseline": base,
+        "delta_vs_baseline": value - base,
+    }
+
+
+def _ppl(model, ids: torch.Tensor, config: Config) -> float:
+    logprobs, _ = score_tokens(model, ids, config, start=ids.shape[1] // 2, block=BLOCK)
+    return math.exp(-logprobs.mean().item())
 
 
 def _reference(loaded: LoadedModel, task, sample) -> str:
@@ -130,35 +186,36 @@ def _memory(
     ids = torch.tensor([prompt])
     activation, kv = measure_prefill(model, ids, config)
     dtype = next(model.parameters()).dtype
-    cache = QuantizedKVCache(model.config, config, dtype)
+    cache = make_cache(model, config, dtype, prompt_length=len(prompt))
     measured = MemoryParts(weights_bytes_measured(model), kv, activation)
     modeled = MemoryParts(
         weights_bytes_modeled(model),
-        cache.modeled_nbytes(len(prompt)),
+        cache.modeled_peak_nbytes(),
         modeled_activation_peak(model.config, config, len(prompt), dtype),
     )
     return measured, modeled
 
 
-def _check_supported(config: Config) -> None:
-    """Knobs whose runtime is still being built fail loudly rather than being ignored."""
-    from kvpareto.errors import UserError
+def _weights_summary(loaded: LoadedModel, config: Config) -> dict:
+    """What the weights were: method, the group sizes actually used, whether read from disk."""
+    from kvpareto.quant.packed_linear import PackedLinear
 
-    pending = {
-        "weights": config.weights != "none",
-        "prune_rate": config.prune_rate > 0,
-        "kv_scheme": config.kv_scheme != "static",
+    method, group, backend = config.weight_method
+    groups = sorted({m.group for m in loaded.model.modules() if isinstance(m, PackedLinear)})
+    return {
+        "method": method,
+        "group_size": group or None,
+        "effective_group_sizes": groups if method in ("int4", "awq4") else [],
+        "awq_backend": backend or None,
+        "from_cache": loaded.from_cache if method != "none" else None,
     }
-    for knob, used in pending.items():
-        if used:
-            raise UserError(f"{knob} is not implemented yet in this build")
 
 
-def _check_lengths(loaded: LoadedModel, lengths: list[int]) -> None:
+def _check_lengths(loaded: LoadedModel, lengths: list[int], answer_tokens: int) -> None:
     from kvpareto.errors import UserError
 
     limit = loaded.spec.max_context
-    too_long = [n for n in lengths if limit and n + 32 > limit]
+    too_long = [n for n in lengths if limit and n + max(32, answer_tokens) > limit]
     if too_long:
         raise UserError(
             f"context length {too_long[0]} does not fit {loaded.spec.name} "

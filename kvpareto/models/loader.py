@@ -50,6 +50,7 @@ class LoadedModel:
     spec: ModelSpec
     model_hash: str  # identity of the weights: GGUF sha256, tiny-config hash, or folder hash
     from_cache: bool = False  # True when a converted copy was reused
+    weights_info: dict | None = None  # set on a weight-quantized copy (e.g. AWQ input scales)
 
 
 def is_installed(spec: ModelSpec) -> bool:

@@ -15,6 +15,12 @@ Semantics (ARCHITECTURE.md, "Quantize on write, faithfully"):
 - The state after T tokens depends on T alone, not on chunking: `StreamSpec.modeled_bytes(T)`
   gives the bytes held in closed form, and the tests check it against the tensors to the byte.
 - Sliding-window layers (Gemma3 local layers) drop whole tiles once they fall out of the window.
+- With `prune_rate` > 0, each prefill chunk's tokens are scored and only the kept ones are stored
+  (`kvpareto.quant.pruning` has the policy). Everything above then runs on the kept tokens: a
+  stream counts tokens ever written (`total`, the RoPE position of the next token) apart from
+  tokens kept (`kept`, what the layout and the mask see). `peak_nbytes` records the most bytes
+  the cache ever held, sampled after every layer update, and `modeled_peak_nbytes` gives it in
+  closed form.
 
 Storage: packed uint8 codes, fp16 scale and zero per tile, the tail in the compute dtype. A 16-bit
 stream stores the compute dtype when it is 16-bit, else fp16. Each step dequantizes the history
@@ -30,6 +36,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpareto.config import Config
+from kvpareto.quant.pruning import ChunkView, TokenPruner, make_scorer
 from kvpareto.quant.tiles import Quantized, TileShape, dequantize, hadamard, quantize, tile_shape
 
 _F16 = 2  # bytes of an fp16 scale, zero point or smoothing mean
@@ -111,14 +118,21 @@ class KVStream:
         self.dtype = dtype
         self.tail_dtype = dtype if spec.quantized else storage_dtype_16(dtype)
         self.total = 0  # tokens ever written
-        self.q_start = 0  # absolute index of the first stored quantized token
-        self.n_q = 0  # absolute index one past the last quantized token
+        self.pruned = 0  # tokens written but evicted on arrival, never stored
+        # Indices into the sequence of kept tokens (every token written, when nothing is pruned):
+        self.q_start = 0  # the first stored quantized token
+        self.n_q = 0  # one past the last quantized token
         self.packed: Quantized | None = None
         self.tail: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None  # fp16 per-channel mean, fixed at first write
         self._rot: torch.Tensor | None = None
 
-    # --- the one entry point -----------------------------------------------------------------
+    @property
+    def kept(self) -> int:
+        """Tokens kept: the length of the stored sequence that the layout rules apply to."""
+        return self.total - self.pruned
+
+    # --- the entry points ----------------------------------------------------------------------
     def update(self, new: torch.Tensor) -> torch.Tensor:
         """Return what attention sees, [stored history | new], then store `new`."""
         if self.tail is None:
@@ -129,11 +143,23 @@ class KVStream:
             self.total += new.shape[-2]
             return self.tail
         visible = self._visible(new)
+        self.append(new)
+        return visible
+
+    def read(self, new: torch.Tensor) -> torch.Tensor:
+        """What attention sees, [stored history | new], without storing `new` (see `append`)."""
+        if self.tail is None:
+            self._start(new)
+        return self._visible(new)
+
+    def append(self, new: torch.Tensor, written: int | None = None) -> None:
+        """Store `new`: all of the `written` tokens just read, or the rows of them kept."""
+        written = new.shape[-2] if written is None else written
         self.tail = torch.cat([self.tail, new.to(self.tail_dtype)], dim=-2)
-        self.total += new.shape[-2]
+        self.total += written
+        self.pruned += written - new.shape[-2]
         self._flush()
         self._evict()
-        return visible
 
     def tensors(self) -> list[torch.Tensor]:
         held = [] if self.packed is None else self.packed.tensors()
@@ -189,7 +215,7 @@ class KVStream:
         spec = self.spec
         if not spec.quantized:
             return
-        target = max(self.total - spec.residual_length, 0) // spec.tile.tokens * spec.tile.tokens
+        target = max(self.kept - spec.residual_length, 0) // spec.tile.tokens * spec.tile.tokens
         k = target - self.n_q
         if k <= 0:
             return
@@ -210,9 +236,9 @@ class KVStream:
         """Drop what a sliding-window layer can never attend to again, in whole tiles."""
         if self.spec.window is None:
             return
-        keep_from = max(self.total - (self.spec.window - 1), 0)
+        keep_from = max(self.kept - (self.spec.window - 1), 0)
         if not self.spec.quantized:
-            drop = keep_from - (self.total - self.tail.shape[-2])
+            drop = keep_from - (self.kept - self.tail.shape[-2])
             if drop > 0:
                 self.tail = self.tail[..., drop:, :].clone()
             return
@@ -239,17 +265,27 @@ class KVStream:
 
 
 class QuantizedKVLayer(CacheLayerMixin):
-    """One attention layer's cache: a K stream and a V stream."""
+    """One attention layer's cache: a K stream and a V stream, pruned on arrival if `pruner`."""
 
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, k_spec: StreamSpec, v_spec: StreamSpec, window: int | None):
+    def __init__(
+        self,
+        k_spec: StreamSpec,
+        v_spec: StreamSpec,
+        window: int | None,
+        pruner: TokenPruner | None = None,
+    ):
         super().__init__()
         self.k_spec, self.v_spec, self.window = k_spec, v_spec, window
         self.is_sliding = window is not None
+        self.pruner = pruner
         self.k: KVStream | None = None
         self.v: KVStream | None = None
+        # (queries, scaling) of the current chunk's observation window, set by
+        # `pruning.observe_queries` just before the attention call, consumed by `update`.
+        self.window_queries: tuple[torch.Tensor, float] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -260,7 +296,20 @@ class QuantizedKVLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        return self.k.update(key_states), self.v.update(value_states)
+        start, n_new = self.k.total, key_states.shape[-2]
+        if self.pruner is None or not self.pruner.prunes(start, n_new):
+            return self.k.update(key_states), self.v.update(value_states)
+        keys, values = self.k.read(key_states), self.v.read(value_states)
+        queries, scaling = self.window_queries or (None, 1.0)
+        self.window_queries = None
+        chunk = ChunkView(keys, n_new, start, queries, scaling)
+        rows = self.pruner.select(chunk, stored=self.k.kept)
+        if rows is not None:
+            index = rows[..., None].expand(-1, -1, -1, key_states.shape[-1])
+            key_states, value_states = key_states.gather(2, index), value_states.gather(2, index)
+        self.k.append(key_states, n_new)
+        self.v.append(value_states, n_new)
+        return keys, values
 
     def get_seq_length(self) -> int:
         return 0 if self.k is None else self.k.total
@@ -268,7 +317,11 @@ class QuantizedKVLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         past = self.get_seq_length()
         if self.window is None:
-            return past + query_length, 0
+            # Pruning leaves `kept` of the `past` tokens. The offset puts the new tokens at their
+            # true positions (past onwards), so they stay causal among themselves while every
+            # stored token, all at earlier positions, stays visible.
+            kept = 0 if self.k is None else self.k.kept
+            return kept + query_length, past - kept
         # Mirrors DynamicSlidingWindowLayer: the window holds the last window-1 past tokens.
         kv_offset = max(past - self.window + 1, 0)
         kv_length = (self.window - 1 if past >= self.window else past) + query_length
@@ -297,25 +350,88 @@ def layer_windows(model_config) -> list[int | None]:
 class QuantizedKVCache(Cache):
     """The cache for one sequence batch under one `Config`."""
 
-    def __init__(self, model_config, config: Config, dtype: torch.dtype):
+    def __init__(
+        self, model_config, config: Config, dtype: torch.dtype, prompt_length: int | None = None
+    ):
+        """`prompt_length` tells pruning where the prompt ends; it is needed when prune_rate > 0."""
         cfg = model_config.get_text_config()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.config = config
+        self.prompt_length = prompt_length
+        self.pruner: TokenPruner | None = None
+        if config.prune_rate > 0:
+            if prompt_length is None:
+                raise ValueError("token pruning needs the prompt length: pass prompt_length")
+            scorer = make_scorer(config.prune_scorer)
+            self.pruner = TokenPruner(config.prune_rate, scorer, prompt_length)
         layers = []
         for idx, window in enumerate(layer_windows(model_config)):
             k_spec, v_spec = stream_specs(config, idx, self.head_dim, window, dtype)
-            layers.append(QuantizedKVLayer(k_spec, v_spec, window))
+            pruner = self.pruner if window is None else None
+            layers.append(QuantizedKVLayer(k_spec, v_spec, window, pruner))
         super().__init__(layers=layers)
+        self.peak_nbytes = 0  # measured: the most bytes held after any layer update
+        self._held = 0
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        before = layer.nbytes()
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self._held += layer.nbytes() - before
+        self.peak_nbytes = max(self.peak_nbytes, self._held)
+        return out
 
     def nbytes(self) -> int:
         """Measured: the sum of `nbytes` of every tensor the cache holds."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def _stored(self, layer: QuantizedKVLayer, total: int) -> int:
+        """Tokens `layer` stores after `total` tokens, the prompt pruned as its chunks arrived."""
+        if layer.pruner is None:
+            return total
+        if total < self.prompt_length:
+            raise ValueError(f"{total} tokens is short of the {self.prompt_length}-token prompt")
+        _, kept = layer.pruner.schedule(self.config.chunk_size)[-1]
+        return kept + total - self.prompt_length
+
+    def _layer_bytes(self, layer: QuantizedKVLayer, stored: int, batch: int) -> int:
+        return sum(
+            spec.modeled_bytes(stored, batch, self.kv_heads, self.head_dim)
+            for spec in (layer.k_spec, layer.v_spec)
+        )
+
     def modeled_nbytes(self, total: int, batch: int = 1) -> int:
         """Modeled: the closed-form bytes after `total` tokens (see `StreamSpec.modeled_bytes`)."""
         return sum(
-            spec.modeled_bytes(total, batch, self.kv_heads, self.head_dim)
-            for layer in self.layers
-            for spec in (layer.k_spec, layer.v_spec)
+            self._layer_bytes(layer, self._stored(layer, total), batch) for layer in self.layers
         )
+
+    def modeled_peak_nbytes(self, batch: int = 1) -> int:
+        """Modeled: the most bytes held after any layer update while the prompt is prefilled.
+
+        Layers update one after another, so after layer l of chunk i, layers up to l hold their
+        state after chunk i and the rest their state after chunk i - 1. Without pruning, and with
+        tiles that divide the chunk, this is the bytes at the end of the prompt; it can exceed
+        them when a full-precision tail is flushed into quantized tiles, or a window slides.
+        """
+        if self.prompt_length is None:
+            raise ValueError("the modeled peak needs the prompt length: pass prompt_length")
+        step = self.config.chunk_size or self.prompt_length
+        ends = [
+            min(start + step, self.prompt_length) for start in range(0, self.prompt_length, step)
+        ]
+        kept = ends
+        if self.pruner is not None:
+            kept = [stored for _, stored in self.pruner.schedule(self.config.chunk_size)]
+        held = peak = 0
+        now = [0] * len(self.layers)
+        for end, stored in zip(ends, kept, strict=True):
+            for i, layer in enumerate(self.layers):
+                layer_bytes = self._layer_bytes(
+                    layer, end if layer.pruner is None else stored, batch
+                )
+                held += layer_bytes - now[i]
+                now[i] = layer_bytes
+                peak = max(peak, held)
+        return peak

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kvpareto.errors import UserError
 from kvpareto.search.frontier import Point, hypervolume, pareto_front
-from kvpareto.search.outputs import BASELINE_LABEL_PREFIX
+from kvpareto.search.outputs import is_baseline
 
 
 def _rows(folder: Path):
@@ -33,7 +33,7 @@ def _points(rows) -> list[Point]:
 
 def compare_to_grid(sampler_dir: Path, grid_dir: Path) -> dict:
     grid_rows = _rows(grid_dir)
-    base = next((r for r in grid_rows if str(r["label"]).startswith(BASELINE_LABEL_PREFIX)), None)
+    base = next((r for r in grid_rows if is_baseline(r)), None)
     if base is None:
         raise UserError(f"{grid_dir} has no 16-bit baseline trial to normalize memory by")
     base_mem = base["total_bytes"]

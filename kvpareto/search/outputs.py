@@ -1,7 +1,8 @@
 """What a study leaves on disk under `results/<model>/<study>/`, and the frontier summary.
 
 - `trials.parquet` and `trials.csv`: one row per trial (config columns, accuracy and CI, memory
-  parts measured and modeled, timing, status, error, whether it came from the trial cache);
+  parts measured and modeled, timing, held-out perplexity and its change from the 16-bit
+  baseline when measured, status, error, whether it came from the trial cache);
 - `frontier.json`: the Pareto-optimal feasible trials, cheapest first, with the baseline, the knee,
   the "indistinguishable" marks and the hypervolume;
 - `study.json`: the command, versions, seed, space hash, hardware.
@@ -17,7 +18,13 @@ from pathlib import Path
 
 from kvpareto.search.frontier import Point, hypervolume, indistinguishable, knee, pareto_front
 
-BASELINE_LABEL_PREFIX = "w16-k16v16"
+
+def is_baseline(row: dict) -> bool:
+    """The unquantized run (16-bit weights and cache, no pruning, unchunked) every study starts
+    with; matched by config key, since a label prefix would also match pruned 16-bit runs."""
+    from kvpareto.config import Config
+
+    return row.get("config_key") == Config().key()
 
 
 def trial_rows(study) -> list[dict]:
@@ -46,6 +53,11 @@ def trial_rows(study) -> list[dict]:
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "prefill_tokens_per_s": (a.get("timing") or {}).get("prefill_tokens_per_s"),
             "decode_ms_per_token": (a.get("timing") or {}).get("decode_ms_per_token"),
+            # Realized mean KV bits (token-weighted; the point of kv_scheme adaptive/rule).
+            "mean_bits": a.get("mean_bits"),
+            # Held-out perplexity, when the study measures it: a metric beside accuracy.
+            "perplexity": (a.get("perplexity") or {}).get("value"),
+            "delta_perplexity": (a.get("perplexity") or {}).get("delta_vs_baseline"),
             # Per-sample outcomes (task, length, depth, correct), for the report's heatmaps.
             "samples_json": json.dumps(a.get("samples") or []),
         }
@@ -71,7 +83,7 @@ def frontier_summary(rows: list[dict]) -> dict:
         Point(k, r["total_bytes"], r["accuracy"], (r["accuracy_lo"], r["accuracy_hi"]))
         for k, r in by_key.items()
     ]
-    baseline = next((r for r in done if (r["label"] or "").startswith(BASELINE_LABEL_PREFIX)), None)
+    baseline = next((r for r in done if is_baseline(r)), None)
     base_mem = baseline["total_bytes"] if baseline else max((p.memory for p in points), default=1)
     front = pareto_front(points)
     knee_point = knee(front, base_mem)
@@ -108,6 +120,8 @@ def frontier_summary(rows: list[dict]) -> dict:
                 "accuracy": p.accuracy,
                 "accuracy_ci": list(p.ci),
                 "delta_accuracy": p.accuracy - baseline["accuracy"] if baseline else None,
+                "perplexity": r.get("perplexity"),
+                "delta_perplexity": r.get("delta_perplexity"),
                 "knee": knee_point is not None and p.key == knee_point.key,
                 "indistinguishable": p.key in same,
             }

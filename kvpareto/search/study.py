@@ -57,6 +57,7 @@ class SearchSettings:
     lengths: list[int] = field(default_factory=list)  # task prompt lengths; default: context
     dtype: str = "bfloat16"
     threads: int | None = None
+    perplexity: bool = False  # also measure held-out perplexity (reported, not an objective)
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -107,7 +108,14 @@ def eval_key(config: Config, model_hash: str, s: SearchSettings) -> str:
     from kvpareto.tasks import get_task
 
     tasks = [get_task(t).task_hash(s.task_lengths, s.samples, s.seed) for t in s.tasks]
-    blob = json.dumps([config.key(), model_hash, tasks, s.context_length, s.dtype], sort_keys=True)
+    identity = [config.key(), model_hash, tasks, s.context_length, s.dtype]
+    if s.perplexity:  # only when asked, so caches written before it existed stay valid
+        identity.append("perplexity")
+    if config.kv_scheme == "adaptive":  # the controller file's contents, not just its name
+        from kvpareto.quant.controller import controller_hash
+
+        identity.append(controller_hash(config.controller))
+    blob = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -249,6 +257,7 @@ class Search:
                     self.s.samples,
                     self.s.seed,
                     memory_length=self.s.context_length,
+                    perplexity=self.s.perplexity,
                 )
             except Exception as e:  # noqa: BLE001  (any failure is recorded and the search goes on)
                 trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
@@ -256,6 +265,8 @@ class Search:
             self.cache.put(key, record)
         for name in ("accuracy", "accuracy_ci", "memory", "timing", "tasks", "samples"):
             trial.set_user_attr(name, record[name])
+        if "perplexity" in record:
+            trial.set_user_attr("perplexity", record["perplexity"])
         memory_mb = record["memory"]["total_bytes"] / 1e6
         budget = self.s.budget_mb
         trial.set_constraint("memory_budget_mb", memory_mb - budget if budget else -1.0)

@@ -1,7 +1,6 @@
-"""More RULER-style tasks, generated: multi-key NIAH, common-words and frequent-words extraction.
+"""More RULER-style tasks, generated: common-words and frequent-words extraction (RULER's NIAH
+variants, multi-key among them, live in `tasks.niah`).
 
-- `niah-mk`: four needles "The special magic number for <key> is: <value>." at spread depths; the
-  question names one key, the other three are distractors. Exact match of the number.
 - `cwe` (common words extraction): a numbered list of words in which five words appear many times
   and the rest once or twice; name the five most common. Passes when all five are named.
 - `fwe` (frequent words extraction): coded words with falling frequencies (6:3:2:1 per block);
@@ -16,59 +15,11 @@ import re
 import string
 
 from kvpareto.tasks import Sample, Task, register_task
-from kvpareto.tasks.text import fit, format_prompt, noise_words, weave
-
-_VOCAB = (
-    "apple bridge candle dragon eagle forest garden harbor island jungle kettle lantern meadow "
-    "needle orchard pepper quarry rabbit saddle timber umbrella velvet walnut yarrow zephyr anchor "
-    "barrel cactus dolphin ember falcon glacier hammer igloo jasmine kernel lemon marble nectar "
-    "oyster parrot quiver raven spindle tulip vessel willow basket copper"
-).split()
+from kvpareto.tasks.text import VOCAB, fit, format_prompt
 
 
 def _code(rng: random.Random) -> str:
     return "".join(rng.choices(string.ascii_lowercase, k=5))
-
-
-@register_task("niah-mk")
-class MultiKeyNIAH(Task):
-    version = 1
-    max_new_tokens = 10
-
-    def samples(self, tokenizer, context_length: int, n: int, seed: int) -> list[Sample]:
-        rng = random.Random(f"niah-mk-{seed}-{context_length}")
-        out = []
-        for i in range(n):
-            keys = rng.sample(_VOCAB, 4)
-            values = [str(rng.randint(1000000, 9999999)) for _ in keys]
-            asked = i % 4
-            needles = [
-                f"The special magic number for {k} is: {v}."
-                for k, v in zip(keys, values, strict=True)
-            ]
-            question = (
-                f"\n\nWhat is the special magic number for {keys[asked]}? "
-                "Answer with the number only."
-            )
-
-            def build(words, needles=needles, question=question):
-                cuts = [(j + 1) * words // 5 for j in range(4)]
-                text = "Some special magic numbers are hidden in this text.\n\n" + weave(
-                    noise_words(words), list(zip(cuts, needles, strict=True))
-                )
-                return format_prompt(tokenizer, text + question, "The number is")
-
-            _, ids = fit(build, context_length, self.name)
-            out.append(
-                Sample(
-                    ids, values[asked], {"context_length": context_length, "depth": (asked + 1) / 5}
-                )
-            )
-        return out
-
-    def score(self, sample: Sample, output: str) -> bool:
-        found = re.search(r"\d+", output)
-        return bool(found) and found.group() == sample.answer
 
 
 class _WordCount(Task):
@@ -115,8 +66,8 @@ class CommonWords(_WordCount):
     top = 5
 
     def words(self, rng, length):
-        common = rng.sample(_VOCAB, self.top)
-        rare = [w for w in _VOCAB if w not in common]
+        common = rng.sample(VOCAB, self.top)
+        rare = [w for w in VOCAB if w not in common]
         # Enough items to overfill any prompt; the fit keeps a prefix. The common words are dealt
         # evenly through the whole stream so that every prefix keeps them the most frequent.
         stream = []

@@ -3,8 +3,8 @@
 A task describes its prompt as `build(n)`: the text with n filler *words*. `fit` finds the largest
 n whose formatted prompt fits the target token count (binary search; tokenizing is the cost), so a
 4096-token prompt is 4096 tokens minus at most one word's tokens, in the model's own tokenizer.
-The filler is the classic "noise" haystack; `weave` inserts needles into it between
-sentences.
+The haystack is the classic "noise" filler, or generated prose (`tasks.prose`) for tasks that
+offer the choice; `weave` inserts needles into either between sentences.
 """
 
 from __future__ import annotations
@@ -12,14 +12,29 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvpareto.errors import UserError
+from kvpareto.tasks.prose import prose_words
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _NOISE_WORDS = NOISE.split()
+HAYSTACKS = ("noise", "prose")
+
+# Plain nouns: the keys of RULER-style needles and the items of the word-count tasks.
+VOCAB = (
+    "apple bridge candle dragon eagle forest garden harbor island jungle kettle lantern meadow "
+    "needle orchard pepper quarry rabbit saddle timber umbrella velvet walnut yarrow zephyr anchor "
+    "barrel cactus dolphin ember falcon glacier hammer igloo jasmine kernel lemon marble nectar "
+    "oyster parrot quiver raven spindle tulip vessel willow basket copper"
+).split()
 
 
 def noise_words(n: int) -> list[str]:
     """The first n words of the endlessly repeated noise haystack."""
     return [_NOISE_WORDS[i % len(_NOISE_WORDS)] for i in range(n)]
+
+
+def haystack(kind: str, n: int, seed: str) -> list[str]:
+    """The first n words of a haystack; `seed` picks the prose (the noise is always the same)."""
+    return noise_words(n) if kind == "noise" else prose_words(n, seed)
 
 
 def at_sentence_end(words: list[str], position: int) -> int:

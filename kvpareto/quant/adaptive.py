@@ -1,0 +1,382 @@
+"""Adaptive per-token KV precision: every token's K and V are stored at 2, 4, 8 or 16 bits.
+
+kv_scheme adaptive (a learned controller) and rule (the hand-written baseline) use this cache;
+see quant/controller.py for who decides and quant/token_features.py for what they look at.
+
+Decisions. Bits are chosen once, when a token is written, per token and layer, and shared by its
+K and V in every KV head (so each width's store stays rectangular). Never re-quantized.
+
+Budget. After N tokens a layer holds exactly `quota(mix, N)` tokens of each width, where
+mix = controller.mix(target_mean_bits): the count at or above each width is floor(N x its
+upper-tail fraction). Each write takes the difference of the quotas before and after it, and
+gives the widest widths to its highest-scoring tokens. So the realized mean is the target minus
+less than 14 / N bits, and the bytes held depend on N alone (not on chunking), as for the static
+cache: `modeled_nbytes(N)` is exact. A write whose quota is one width (every decode step, for
+instance) skips the features entirely.
+
+Storage. Per layer, one pool per width: packed per-token tiles (1 x g channels, fp16 scale and
+zero, `tiles.quantize`) for 2/4/8 bits, the 16-bit compute dtype (fp16 under fp32) for 16.
+
+Reading. Keys are cached after RoPE, and a chunk sees the whole history (transformers' mask for
+a past of p tokens and a chunk of c is all-visible over the first p columns and causal over the
+last c; `get_mask_sizes` says (p + c, 0) as for `DynamicLayer`). Attention over the history is
+therefore order-invariant, and `update` returns [pool 2 | pool 4 | pool 8 | pool 16 | chunk]
+without restoring positions (tests/test_adaptive.py checks this against transformers' masks).
+No residual window: the chunk attends to itself in full precision, history is read as stored.
+
+Limits: batch 1, global attention only (pools carry no positions, so a sliding window could not
+drop the right tokens), llama-style attention modules (q_proj, RoPE) for the probe queries.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.models.llama.modeling_llama import rotate_half
+
+from kvpareto.config import Config
+from kvpareto.errors import UserError
+from kvpareto.quant.controller import WIDTHS, LearnedController, RuleController, load_controller
+from kvpareto.quant.kv_cache import QuantizedKVCache, layer_windows, storage_dtype_16
+from kvpareto.quant.tiles import Quantized, TileShape, dequantize, quantize
+from kvpareto.quant.token_features import (
+    PROBE_QUERIES,
+    frequency_counts,
+    token_features,
+)
+
+_F16 = 2  # bytes of an fp16 scale or zero point
+
+
+def make_cache(
+    model, config: Config, dtype: torch.dtype, prompt_length: int | None = None
+) -> Cache:
+    """The cache a Config asks for: the static packed cache, or adaptive per-token pools."""
+    if config.kv_scheme == "static":
+        return QuantizedKVCache(model.config, config, dtype, prompt_length=prompt_length)
+    return AdaptiveKVCache(model, config, dtype, prompt_length=prompt_length)
+
+
+def quota(mix: dict[int, float], total: int) -> dict[int, int]:
+    """Tokens of each width after `total` writes (see the module docstring)."""
+    counts, above = {}, total
+    widths = sorted(mix)
+    for i, width in enumerate(widths):
+        tail = sum(mix[w] for w in widths[i + 1 :])
+        next_above = math.floor(total * tail + 1e-9)
+        counts[width], above = above - next_above, next_above
+    return counts
+
+
+def mean_bits(cache: Cache) -> float:
+    """Mean code bits per cached K/V value: realized for adaptive pools, nominal for static."""
+    if isinstance(cache, AdaptiveKVCache):
+        return cache.mean_bits()
+    bits = [(layer.k_spec.bits + layer.v_spec.bits) / 2 for layer in cache.layers]
+    return sum(bits) / len(bits)
+
+
+class _Pool:
+    """One layer's tokens at one width: K and V, packed below 16 bits."""
+
+    def __init__(self, bits: int, tile: TileShape, symmetric: bool, dtype: torch.dtype):
+        self.bits, self.tile, self.symmetric, self.dtype = bits, tile, symmetric, dtype
+        self.n = 0
+        self.k: Quantized | torch.Tensor | None = None
+        self.v: Quantized | torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.shape[-2] == 0:
+            return
+        self.k, self.v = self._join(self.k, k), self._join(self.v, v)
+        self.n += k.shape[-2]
+
+    def _join(self, held, x: torch.Tensor):
+        if self.bits == 16:
+            x = x.to(self.dtype)
+            return x if held is None else torch.cat([held, x], dim=-2)
+        block = quantize(x, self.bits, self.tile, self.symmetric)
+        if held is None:
+            return block
+        return Quantized(
+            torch.cat([held.codes, block.codes], dim=-2),
+            torch.cat([held.scale, block.scale], dim=-2),
+            None if held.zero is None else torch.cat([held.zero, block.zero], dim=-2),
+        )
+
+    def read_into(self, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        for held, out in ((self.k, k_out), (self.v, v_out)):
+            if self.bits == 16:
+                out.copy_(held)
+            else:
+                dequantize(held, self.bits, self.tile, out.dtype, out=out)
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = []
+        for t in (self.k, self.v):
+            if isinstance(t, Quantized):
+                held += t.tensors()
+            elif t is not None:
+                held.append(t)
+        return held
+
+    def modeled_bytes(self, n: int, heads: int, head_dim: int) -> int:
+        """Bytes of n tokens in this pool, K and V, all KV heads (batch 1)."""
+        if self.bits == 16:
+            per_token = head_dim * torch.finfo(self.dtype).bits // 8
+        else:
+            tiles = head_dim // self.tile.channels
+            per_token = head_dim * self.bits // 8 + tiles * _F16 * (1 if self.symmetric else 2)
+        return 2 * heads * n * per_token
+
+
+class _Writes:
+    """What every layer of one forward shares: the ids being written and their frequencies."""
+
+    def __init__(self):
+        self.seen: dict[int, int] = {}
+        self.freq: torch.Tensor | None = None
+
+    def observe(self, input_ids: torch.Tensor | None) -> None:
+        if input_ids is None or input_ids.shape[0] != 1:
+            self.freq = None
+            return
+        self.freq = frequency_counts(input_ids[0].tolist(), self.seen)
+
+
+class AdaptiveKVLayer(CacheLayerMixin):
+    """One attention layer's pools, and the per-write decision of which token goes where."""
+
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, idx: int, n_layers: int, config: Config, cache: AdaptiveKVCache):
+        super().__init__()
+        self.idx, self.depth = idx, idx / max(n_layers - 1, 1)
+        self.config = config
+        self.controller, self.mix, self.writes = cache.controller, cache.mix, cache.writes
+        self.tile, self.store16 = cache.tile, cache.store16
+        self.observer = cache.observer
+        self.pools: dict[int, _Pool] = {}
+        self.total = 0
+        self.probe_source = None  # (attention module, its hidden_states, (cos, sin))
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[0] != 1:
+            raise UserError("kv_scheme adaptive/rule runs batch 1 only")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.pools = {
+            w: _Pool(w, self.tile, self.config.symmetric, self.store16 if w == 16 else self.dtype)
+            for w in WIDTHS
+        }
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k_visible, v_visible = self._visible(key_states, value_states)
+        if self.observer is not None:
+            self.observer(self, key_states, value_states, k_visible, v_visible)
+        widths = self._decide(key_states, value_states, k_visible)
+        for w, pool in self.pools.items():
+            chosen = (widths == w).nonzero().squeeze(-1)
+            pool.append(key_states[..., chosen, :], value_states[..., chosen, :])
+        self.total += key_states.shape[-2]
+        self.probe_source = None
+        return k_visible, v_visible
+
+    def _visible(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[pool 2 | pool 4 | pool 8 | pool 16 | new], built in place in one tensor each."""
+        *lead, n_new, d = k.shape
+        k_out = torch.empty(*lead, self.total + n_new, d, dtype=self.dtype, device=k.device)
+        v_out = torch.empty_like(k_out)
+        at = 0
+        for pool in self.pools.values():
+            if pool.n:
+                pool.read_into(k_out[..., at : at + pool.n, :], v_out[..., at : at + pool.n, :])
+                at += pool.n
+        k_out[..., at:, :], v_out[..., at:, :] = k, v
+        return k_out, v_out
+
+    def _decide(self, k: torch.Tensor, v: torch.Tensor, k_visible: torch.Tensor) -> torch.Tensor:
+        """The width of each new token: this write's quotas, widest to the highest scores."""
+        n = k.shape[-2]
+        before, after = quota(self.mix, self.total), quota(self.mix, self.total + n)
+        take = {w: after[w] - before[w] for w in after if after[w] > before[w]}
+        if len(take) == 1:
+            return torch.full((n,), next(iter(take)), dtype=torch.int64)
+        order = self.controller.score(self.features(k, v, k_visible)).argsort(
+            descending=True, stable=True
+        )
+        widths = torch.empty(n, dtype=torch.int64)
+        at = 0
+        for w in sorted(take, reverse=True):
+            widths[order[at : at + take[w]]] = w
+            at += take[w]
+        return widths
+
+    def features(self, k: torch.Tensor, v: torch.Tensor, k_visible: torch.Tensor) -> torch.Tensor:
+        if self.writes.freq is None or self.probe_source is None:
+            raise UserError(
+                "adaptive KV precision needs the model's input_ids and its llama-style attention "
+                "modules: build the cache with make_cache(model, ...) and call model(input_ids)"
+            )
+        return token_features(
+            freq=self.writes.freq,
+            start=self.total,
+            k_new=k,
+            v_new=v,
+            probes=self.probe_queries(min(PROBE_QUERIES, k.shape[-2])),
+            k_visible=k_visible,
+            depth=self.depth,
+            tile=self.tile,
+        )
+
+    def probe_queries(self, m: int) -> torch.Tensor:
+        """The scaled, rotated queries of the write's last m tokens, [1, Hq, m, D]."""
+        module, hidden, (cos, sin) = self.probe_source
+        q = module.q_proj(hidden[:, -m:]).view(1, m, -1, module.head_dim)
+        if getattr(module, "q_norm", None) is not None:
+            q = module.q_norm(q)
+        q = q.transpose(1, 2)
+        cos, sin = cos[:, None, -m:], sin[:, None, -m:]
+        return (q * cos + rotate_half(q) * sin) * module.scaling
+
+    def code_bits(self) -> int:
+        """Sum over written tokens of their width (one token's K and V share it)."""
+        return sum(w * pool.n for w, pool in self.pools.items())
+
+    def get_seq_length(self) -> int:
+        return self.total
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.total + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.pools, self.total, self.is_initialized = {}, 0, False
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for pool in self.pools.values() for t in pool.tensors())
+
+
+class AdaptiveKVCache(Cache):
+    """Per-token mixed-precision KV cache for kv_scheme adaptive or rule (batch 1).
+
+    It hooks the model (removed when the cache is garbage-collected) to see, for forwards that
+    use this cache only, the input ids (token frequency) and each attention module's input (the
+    probe queries). `observer`, if given, sees every write first (calibration uses it).
+    """
+
+    def __init__(
+        self,
+        model,
+        config: Config,
+        dtype: torch.dtype,
+        prompt_length: int | None = None,
+        observer: Callable | None = None,
+    ):
+        _check_config(model.config, config)
+        self.prompt_length = prompt_length
+        cfg = model.config.get_text_config()
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.config = config
+        self.controller: LearnedController | RuleController = load_controller(
+            config.kv_scheme, config.controller
+        )
+        self.mix = self.controller.mix(config.target_mean_bits)
+        self.tile = TileShape(1, min(config.group_size, self.head_dim))
+        self.store16 = storage_dtype_16(dtype)
+        self.writes = _Writes()
+        self.observer = observer
+        n = cfg.num_hidden_layers
+        super().__init__(layers=[AdaptiveKVLayer(i, n, config, self) for i in range(n)])
+        self._hook(model)
+
+    def _hook(self, model) -> None:
+        me = weakref.ref(self)
+
+        def on_model(module, args, kwargs):
+            cache = me()
+            if cache is not None and kwargs.get("past_key_values") is cache:
+                cache.writes.observe(kwargs.get("input_ids", args[0] if args else None))
+
+        def on_attention(module, args, kwargs):
+            cache = me()
+            if cache is not None and kwargs.get("past_key_values") is cache:
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                source = (module, hidden, kwargs["position_embeddings"])
+                cache.layers[module.layer_idx].probe_source = source
+
+        handles = [model.get_decoder().register_forward_pre_hook(on_model, with_kwargs=True)]
+        for module in model.modules():
+            if hasattr(module, "q_proj") and hasattr(module, "layer_idx"):
+                handles.append(module.register_forward_pre_hook(on_attention, with_kwargs=True))
+        weakref.finalize(self, _remove, handles)
+
+    def nbytes(self) -> int:
+        """Measured: the sum of `nbytes` of every tensor the pools hold."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def modeled_nbytes(self, total: int, batch: int = 1) -> int:
+        """Modeled: the closed form of the per-width quotas after `total` tokens."""
+        counts = quota(self.mix, total)
+        per_layer = sum(
+            _Pool(w, self.tile, self.config.symmetric, self.store16).modeled_bytes(
+                counts.get(w, 0), self.kv_heads, self.head_dim
+            )
+            for w in WIDTHS
+        )
+        return batch * per_layer * len(self.layers)
+
+    @property
+    def peak_nbytes(self) -> int:
+        """The most bytes ever held: the pools only grow, so what they hold now."""
+        return self.nbytes()
+
+    def modeled_peak_nbytes(self, batch: int = 1) -> int:
+        if self.prompt_length is None:
+            raise ValueError("the modeled peak needs the prompt length: pass prompt_length")
+        return self.modeled_nbytes(self.prompt_length, batch)
+
+    def mean_bits(self) -> float:
+        """Realized mean width over every token written, in every layer."""
+        tokens = sum(layer.total for layer in self.layers)
+        return sum(layer.code_bits() for layer in self.layers) / tokens if tokens else 0.0
+
+
+def _remove(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+def _check_config(model_config, config: Config) -> None:
+    if any(window is not None for window in layer_windows(model_config)):
+        raise UserError(
+            f"kv_scheme {config.kv_scheme} needs global attention in every layer; this model has "
+            "sliding-window layers (use kv_scheme static)"
+        )
+    static_only = {
+        "k_bits": config.k_bits != 16,
+        "v_bits": config.v_bits != 16,
+        "layer_bits": bool(config.layer_bits),
+        "k_granularity": config.k_granularity != "per-token",
+        "v_granularity": config.v_granularity != "per-token",
+        "residual_length": config.residual_length != 0,
+        "k_smooth": config.k_smooth,
+        "rotation": config.rotation != "none",
+        "prune_rate": config.prune_rate > 0,
+    }
+    used = [knob for knob, on in static_only.items() if on]
+    if used:
+        raise UserError(
+            f"{', '.join(used)} apply to kv_scheme static only; kv_scheme {config.kv_scheme} "
+            "chooses per-token bits from --target-mean-bits"
+        )

@@ -1,0 +1,256 @@
+"""Weight quantization of a loaded model, cached on disk: none, int8, int4 and AWQ int4.
+
+Each method is a small `WeightQuantizer` with one `quantize` method that replaces the decoder's
+linear layers by `PackedLinear`s:
+
+    int8   per-output-channel symmetric round-to-nearest (one fp16 scale per row)
+    int4   group-wise asymmetric round-to-nearest (fp16 scale and zero per group of g inputs)
+    awq4   AWQ scales searched on calibration activations (`awq.py`), then int4 as above
+
+Only the linears inside decoder layers are quantized. Embeddings and the LM head stay in the
+compute dtype: in SmolLM2 and Gemma3 the head is tied to the embedding, and quantizing it would
+either untie it (more bytes, not fewer) or quantize a lookup table, which this project does not
+study. Group sizes that do not divide a layer's width follow `packed_linear.weight_group`.
+
+Calibration text is generated, seeded and local: prompts from the task generators. Its token ids
+are hashed into the cache key with the model hash, method, group size and backend, so a second use
+reloads the packed tensors from disk in about a second instead of repeating the AWQ search.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from kvpareto.config import Config
+from kvpareto.quant.awq_backends import check_backend
+from kvpareto.quant.packed_linear import PackedLinear, weight_group
+from kvpareto.quant.tiles import Quantized
+
+CACHE_FORMAT = 2
+CALIBRATION_SEQS = 8
+CALIBRATION_TOKENS = 256
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class WeightQuantizer:
+    bits: int
+    symmetric: bool
+    grouped: bool  # False: one group per output row (per-channel)
+    needs_calibration: bool = False
+
+    def quantize(self, model, group: int, calibration, progress: Progress | None) -> dict:
+        """Replace the decoder linears in place; return facts worth keeping (e.g. AWQ scales)."""
+        for _, parent, attr, linear in _decoder_linears(model):
+            g = weight_group(group, linear.in_features) if self.grouped else linear.in_features
+            packed = PackedLinear.quantize(
+                linear.weight.detach(), linear.bias, self.bits, g, self.symmetric
+            )
+            setattr(parent, attr, packed)
+        return {}
+
+
+@dataclass(frozen=True)
+class AWQQuantizer(WeightQuantizer):
+    def quantize(self, model, group: int, calibration, progress: Progress | None) -> dict:
+        from kvpareto.quant.awq import apply_awq
+
+        scales = apply_awq(model, calibration, lambda width: weight_group(group, width), progress)
+        super().quantize(model, group, calibration, None)
+        return scales
+
+
+QUANTIZERS: dict[str, WeightQuantizer] = {
+    "int8": WeightQuantizer(bits=8, symmetric=True, grouped=False),
+    "int4": WeightQuantizer(bits=4, symmetric=False, grouped=True),
+    "awq4": AWQQuantizer(bits=4, symmetric=False, grouped=True, needs_calibration=True),
+}
+
+
+# One quantized model is kept per process: a search tries many KV settings on the same weights.
+_LAST: dict[tuple, object] = {}
+
+
+def quantized_model(loaded, config: Config, progress: Progress | None = None):
+    """`loaded` with its weights quantized as `config` says (the same object for `none`)."""
+    method, group, backend = config.weight_method
+    if method == "none":
+        return loaded
+    if backend:
+        check_backend(backend)
+    calibration = (
+        calibration_ids(loaded.tokenizer) if QUANTIZERS[method].needs_calibration else None
+    )
+    key = _cache_key(loaded.model_hash, method, group, backend, calibration)
+    if key in _LAST:
+        return _LAST[key]
+    folder = _cache_dir(key)
+    if (folder / "weights.json").exists():
+        model, info = _load(loaded.model, folder)
+        from_cache = True
+    else:
+        model = copy.deepcopy(loaded.model)
+        info = QUANTIZERS[method].quantize(model, group, calibration, progress or _bar(method))
+        _save(model, info, folder)
+        from_cache = False
+    result = replace(loaded, model=model, from_cache=from_cache, weights_info=info)
+    _LAST.clear()
+    _LAST[key] = result
+    return result
+
+
+def calibration_ids(tokenizer, seed: int = 0) -> torch.Tensor:
+    """[CALIBRATION_SEQS, CALIBRATION_TOKENS] token ids cut from seeded task prompts."""
+    from kvpareto.tasks import get_task
+
+    stream: list[int] = []
+    need = CALIBRATION_SEQS * CALIBRATION_TOKENS
+    i = 0
+    while len(stream) < need:
+        task = get_task(("qa", "vt", "niah")[i % 3])
+        stream += task.samples(tokenizer, 1024, 1, seed + i)[0].input_ids
+        i += 1
+    return torch.tensor(stream[:need]).reshape(CALIBRATION_SEQS, CALIBRATION_TOKENS)
+
+
+@torch.inference_mode()
+def linear_output_errors(base, quantized, ids: torch.Tensor) -> dict[str, float]:
+    """Relative output error ||y_q - y|| / ||y|| of every quantized linear on the float model's
+    own inputs for `ids`, AWQ's folded scales undone so each layer is compared with its original.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        linear.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0]))
+        for name, _, _, linear in _decoder_linears(base.model)
+    ]
+    try:
+        base.model(ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    info = quantized.weights_info or {}
+    in_scales, out_scales = info.get("input_scales", {}), info.get("output_scales", {})
+    decoder = quantized.model.get_decoder()
+    errors = {}
+    for name, _, _, linear in _decoder_linears(base.model):
+        x = inputs[name].float()
+        reference = x @ linear.weight.float().T
+        packed = decoder.get_submodule(name)
+        x_q = x / in_scales[name] if name in in_scales else x
+        y = x_q @ packed.dequantized_weight(torch.float32).T
+        if name in out_scales:
+            y = y * out_scales[name]
+        errors[name] = ((y - reference).norm() / reference.norm()).item()
+    return errors
+
+
+def _decoder_linears(model):
+    """(name, parent module, attribute, linear) for every nn.Linear inside the decoder layers."""
+    from kvpareto.quant.awq import decoder_layers
+
+    found = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for parent_name, parent in layer.named_modules():
+            for attr, child in parent.named_children():
+                if isinstance(child, torch.nn.Linear):
+                    name = f"layers.{i}.{parent_name}.{attr}".replace("..", ".")
+                    found.append((name, parent, attr, child))
+    return found
+
+
+def _cache_key(model_hash, method, group, backend, calibration) -> str:
+    calib = None if calibration is None else hashlib.sha256(calibration.numpy()).hexdigest()
+    blob = json.dumps([CACHE_FORMAT, model_hash, method, group, backend, calib])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _cache_dir(key: str) -> Path:
+    from kvpareto.models.loader import cache_root
+
+    return cache_root() / "weights" / key
+
+
+def _save(model, info: dict, folder: Path) -> None:
+    """Write every decoder tensor (packed buffers, folded norms) to a temp dir, then rename."""
+    from safetensors.torch import save_file
+
+    from kvpareto.quant.awq import decoder_layers
+
+    layers = decoder_layers(model)
+    tensors = {k: v.contiguous() for k, v in layers.state_dict().items()}
+    for kind, scales in info.items():  # AWQ's scales: {"input_scales": {linear: s}, ...}
+        tensors.update({f"{kind}:{name}": s.clone() for name, s in scales.items()})
+    linears = {
+        name: {"bits": m.bits, "group": m.group, "shape": [m.out_features, m.in_features]}
+        for name, m in layers.named_modules()
+        if isinstance(m, PackedLinear)
+    }
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    save_file(tensors, str(tmp / "weights.safetensors"))
+    (tmp / "weights.json").write_text(json.dumps({"format": CACHE_FORMAT, "linears": linears}))
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(base, folder: Path):
+    from safetensors.torch import load_file
+
+    from kvpareto.quant.awq import decoder_layers
+
+    meta = json.loads((folder / "weights.json").read_text())
+    tensors = load_file(str(folder / "weights.safetensors"))
+    model = copy.deepcopy(base)
+    layers = decoder_layers(model)
+    dtype = next(model.parameters()).dtype
+    for name, spec in meta["linears"].items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = layers.get_submodule(parent_name)
+        bias = tensors.get(f"{name}.bias")
+        packed = Quantized(
+            tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors.get(f"{name}.zero")
+        )
+        setattr(
+            parent,
+            attr,
+            PackedLinear(packed, spec["bits"], spec["group"], spec["shape"], bias, dtype),
+        )
+    info: dict[str, dict] = {}
+    for key, value in tensors.items():
+        if ":" in key:
+            kind, name = key.split(":", 1)
+            info.setdefault(kind, {})[name] = value
+    layers.load_state_dict({k: v for k, v in tensors.items() if ":" not in k}, strict=True)
+    return model, info
+
+
+def _bar(method: str) -> Progress:
+    """A transient progress bar on stderr, for runs that did not bring their own."""
+    from rich.console import Console
+    from rich.progress import Progress as Bar
+
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = Bar(console=Console(stderr=True), transient=True)
+            state["bar"].start()
+            state["job"] = state["bar"].add_task(f"{method}: calibrating layers", total=total)
+        state["bar"].update(state["job"], completed=done)
+        if done >= total:
+            state["bar"].stop()
+
+    return update
