@@ -88,43 +88,13 @@ class Config:
             raise UserError(
                 f"chunk_size must be 0 (unchunked) or a positive integer, got {self.chunk_size!r}"
             )
-        if self.weights not in WEIGHT_METHODS:
-            raise UserError(
-                f"weights must be one of {', '.join(WEIGHT_METHODS)}, got {self.weights!r}"
-            )
-        if self.weight_group_size not in WEIGHT_GROUP_SIZES:
-            raise UserError(
-                f"weight_group_size must be one of {WEIGHT_GROUP_SIZES}, "
-                f"got {self.weight_group_size!r}"
-            )
-        if self.awq_backend not in AWQ_BACKENDS:
-            raise UserError(
-                f"awq_backend must be one of {', '.join(AWQ_BACKENDS)}, got {self.awq_backend!r}"
-            )
-        if (
-            isinstance(self.prune_rate, bool)
-            or not isinstance(self.prune_rate, int | float)
-            or not 0 <= self.prune_rate <= MAX_PRUNE_RATE
-        ):
-            raise UserError(
-                f"prune_rate must be a number in 0..{MAX_PRUNE_RATE}, got {self.prune_rate!r}"
-            )
-        if self.prune_scorer not in PRUNE_SCORERS:
-            raise UserError(
-                f"prune_scorer must be one of {', '.join(PRUNE_SCORERS)}, got {self.prune_scorer!r}"
-            )
-        if self.kv_scheme not in KV_SCHEMES:
-            raise UserError(
-                f"kv_scheme must be one of {', '.join(KV_SCHEMES)}, got {self.kv_scheme!r}"
-            )
-        if (
-            isinstance(self.target_mean_bits, bool)
-            or not isinstance(self.target_mean_bits, int | float)
-            or not 2 <= self.target_mean_bits <= 16
-        ):
-            raise UserError(
-                f"target_mean_bits must be a number in 2..16, got {self.target_mean_bits!r}"
-            )
+        _one_of("weights", self.weights, WEIGHT_METHODS)
+        _one_of("weight_group_size", self.weight_group_size, WEIGHT_GROUP_SIZES)
+        _one_of("awq_backend", self.awq_backend, AWQ_BACKENDS)
+        _number_in("prune_rate", self.prune_rate, 0, MAX_PRUNE_RATE)
+        _one_of("prune_scorer", self.prune_scorer, PRUNE_SCORERS)
+        _one_of("kv_scheme", self.kv_scheme, KV_SCHEMES)
+        _number_in("target_mean_bits", self.target_mean_bits, 2, 16)
         if not isinstance(self.controller, str) or not self.controller:
             raise UserError(f"controller must be a name or a path, got {self.controller!r}")
         for idx, bits in self.layer_bits:
@@ -186,45 +156,6 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def bits_for_layer(self, layer_idx: int) -> LayerBits:
-        if self.weights not in WEIGHT_METHODS:
-            raise UserError(
-                f"weights must be one of {', '.join(WEIGHT_METHODS)}, got {self.weights!r}"
-            )
-        if self.weight_group_size not in WEIGHT_GROUP_SIZES:
-            raise UserError(
-                f"weight_group_size must be one of {WEIGHT_GROUP_SIZES}, "
-                f"got {self.weight_group_size!r}"
-            )
-        if self.awq_backend not in AWQ_BACKENDS:
-            raise UserError(
-                f"awq_backend must be one of {', '.join(AWQ_BACKENDS)}, got {self.awq_backend!r}"
-            )
-        if (
-            isinstance(self.prune_rate, bool)
-            or not isinstance(self.prune_rate, int | float)
-            or not 0 <= self.prune_rate <= MAX_PRUNE_RATE
-        ):
-            raise UserError(
-                f"prune_rate must be a number in 0..{MAX_PRUNE_RATE}, got {self.prune_rate!r}"
-            )
-        if self.prune_scorer not in PRUNE_SCORERS:
-            raise UserError(
-                f"prune_scorer must be one of {', '.join(PRUNE_SCORERS)}, got {self.prune_scorer!r}"
-            )
-        if self.kv_scheme not in KV_SCHEMES:
-            raise UserError(
-                f"kv_scheme must be one of {', '.join(KV_SCHEMES)}, got {self.kv_scheme!r}"
-            )
-        if (
-            isinstance(self.target_mean_bits, bool)
-            or not isinstance(self.target_mean_bits, int | float)
-            or not 2 <= self.target_mean_bits <= 16
-        ):
-            raise UserError(
-                f"target_mean_bits must be a number in 2..16, got {self.target_mean_bits!r}"
-            )
-        if not isinstance(self.controller, str) or not self.controller:
-            raise UserError(f"controller must be a name or a path, got {self.controller!r}")
         for idx, bits in self.layer_bits:
             if idx == layer_idx:
                 return bits
@@ -269,6 +200,16 @@ _LATER_KNOBS = {
     "target_mean_bits": 4.0,
     "controller": "default",
 }
+
+
+def _one_of(name: str, value: object, options: tuple) -> None:
+    if value not in options:
+        raise UserError(f"{name} must be one of {', '.join(map(str, options))}, got {value!r}")
+
+
+def _number_in(name: str, value: object, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise UserError(f"{name} must be a number in {lo}..{hi}, got {value!r}")
 
 
 def _check_bits(name: str, value: object) -> None:
