@@ -79,7 +79,7 @@ QUANTIZERS: dict[str, WeightQuantizer] = {
 
 
 # One quantized model is kept per process: a search tries many KV settings on the same weights.
-_LAST: dict[tuple, object] = {}
+_LAST: dict[str, object] = {}  # cache key -> LoadedModel
 
 
 def quantized_model(loaded, config: Config, progress: Progress | None = None):
