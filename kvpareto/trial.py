@@ -23,7 +23,7 @@ from kvpareto.memory import (
 )
 from kvpareto.memory_model import modeled_activation_peak
 from kvpareto.models import LoadedModel
-from kvpareto.quant.adaptive import make_cache, mean_bits
+from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.weights import quantized_model
 from kvpareto.stats import wilson
 from kvpareto.tasks import get_task
@@ -78,7 +78,7 @@ def run_trial(
         decode_steps += gen.decode_steps
         decode_s += gen.decode_s
         cached_tokens += gen.cache.get_seq_length()
-        cached_bits += mean_bits(gen.cache) * gen.cache.get_seq_length()
+        cached_bits += gen.cache.mean_bits() * gen.cache.get_seq_length()
         if progress:
             progress(i + 1, len(work) + len(own))
     for j, (task, length) in enumerate(own, start=len(work) + 1):

@@ -72,14 +72,6 @@ def quota(mix: dict[int, float], total: int) -> dict[int, int]:
     return counts
 
 
-def mean_bits(cache: Cache) -> float:
-    """Mean code bits per cached K/V value: realized for adaptive pools, nominal for static."""
-    if isinstance(cache, AdaptiveKVCache):
-        return cache.mean_bits()
-    bits = [(layer.k_spec.bits + layer.v_spec.bits) / 2 for layer in cache.layers]
-    return sum(bits) / len(bits)
-
-
 class _Pool:
     """One layer's tokens at one width: K and V, packed below 16 bits."""
 

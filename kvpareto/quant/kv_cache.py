@@ -401,6 +401,11 @@ class QuantizedKVCache(Cache):
             for spec in (layer.k_spec, layer.v_spec)
         )
 
+    def mean_bits(self) -> float:
+        """Nominal code bits per cached K/V value, averaged over layers (per-layer bits count)."""
+        bits = [(layer.k_spec.bits + layer.v_spec.bits) / 2 for layer in self.layers]
+        return sum(bits) / len(bits)
+
     def modeled_nbytes(self, total: int, batch: int = 1) -> int:
         """Modeled: the closed-form bytes after `total` tokens (see `StreamSpec.modeled_bytes`)."""
         return sum(
