@@ -115,7 +115,7 @@ def eval_command(
     weight_group_size: int | None = typer.Option(None, help="int4/awq4 group: 32, 64 or 128."),
     awq_backend: str | None = typer.Option(None, help="native, llmcompressor or autoawq."),
     prune_rate: float | None = typer.Option(
-        None, help="Fraction of prompt tokens evicted after prefill, 0..0.9."
+        None, help="Fraction of prompt tokens evicted as prefill chunks arrive, 0..0.9."
     ),
     prune_scorer: str | None = typer.Option(None, help="snapkv, knorm, streaming or random."),
     kv_scheme: str | None = typer.Option(
