@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from kvpareto.config import Config
 from kvpareto.engine import prefill
+from kvpareto.hf_compat import with_cache
 from kvpareto.memory import measure_prefill
 from kvpareto.quant.kv_cache import QuantizedKVCache
 
@@ -64,14 +65,14 @@ def model_decode_rates(runs: dict[str, tuple], prompt: torch.Tensor, steps: int,
     for name, (model, make) in runs.items():
         cache = make()
         token = prefill(model, prompt, cache, 0).argmax(-1)
-        model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up
+        model(token[:, None], **with_cache(cache), use_cache=True, logits_to_keep=1)  # warm-up
         live[name] = (model, cache, token)
     timings: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, (model, cache, token) in live.items():
             start = time.perf_counter()
             for _ in range(steps):
-                out = model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(token[:, None], **with_cache(cache), use_cache=True, logits_to_keep=1)
                 token = out.logits[:, -1].argmax(-1)
             timings[name].append(steps / (time.perf_counter() - start))
             live[name] = (model, cache, token)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpareto.config import Config
+from kvpareto.hf_compat import with_cache
 from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.kv_cache import QuantizedKVCache
 from kvpareto.quant.pruning import observe_queries
@@ -58,7 +59,7 @@ def prefill(
         for start in range(0, input_ids.shape[1], step):
             out = model(
                 input_ids[:, start : start + step],
-                past_key_values=cache,
+                **with_cache(cache),
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -96,7 +97,7 @@ def score_tokens(
     rest = input_ids[:, start:-1]  # the last token predicts nothing that is scored
     step = block or max(rest.shape[1], 1)
     for begin in range(0, rest.shape[1], step):
-        out = model(rest[:, begin : begin + step], past_key_values=cache, use_cache=True)
+        out = model(rest[:, begin : begin + step], **with_cache(cache), use_cache=True)
         take(out.logits[0], start + begin + 1)
     return torch.cat(logprobs), torch.cat(greedy)
 
@@ -129,7 +130,7 @@ def generate(
             break
         if stop_strings and any(s in tokenizer.decode(new) for s in stop_strings):
             break
-        out = model(token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(token[:, None], **with_cache(cache), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(dim=-1)
     t2 = time.perf_counter()
 

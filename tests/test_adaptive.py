@@ -14,6 +14,7 @@ from kvpareto.calibrate import attention_error, fit_controller, label_tokens
 from kvpareto.config import Config
 from kvpareto.engine import generate
 from kvpareto.errors import UserError
+from kvpareto.hf_compat import with_cache
 from kvpareto.models import load_model
 from kvpareto.quant.adaptive import AdaptiveKVLayer, make_cache, quota
 from kvpareto.quant.controller import RuleController, load_controller, water_fill
@@ -33,7 +34,7 @@ def _ids(n, seed=0):
 def _run_chunks(model, ids, cache, chunk):
     step = chunk or ids.shape[1]
     outs = [
-        model(ids[:, i : i + step], past_key_values=cache).logits
+        model(ids[:, i : i + step], **with_cache(cache)).logits
         for i in range(0, ids.shape[1], step)
     ]
     return torch.cat(outs, dim=1)
@@ -128,7 +129,7 @@ def test_measured_kv_bytes_equal_modeled_bytes(tiny_models, cfg):
         _run_chunks(model, _ids(length), cache, chunk)
         assert cache.nbytes() == cache.modeled_nbytes(length), (length, chunk)
         for step in range(3):
-            model(_ids(1, seed=step), past_key_values=cache)
+            model(_ids(1, seed=step), **with_cache(cache))
             assert cache.nbytes() == cache.modeled_nbytes(length + step + 1)
 
 

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpareto.config import Config
+from kvpareto.hf_compat import with_cache
 from kvpareto.quant.kv_cache import QuantizedKVCache
 from tests.conftest import TINY
 
@@ -16,7 +17,7 @@ from tests.conftest import TINY
 def _run_chunks(model, ids, cache, chunk):
     step = chunk or ids.shape[1]
     outs = [
-        model(ids[:, i : i + step], past_key_values=cache).logits
+        model(ids[:, i : i + step], **with_cache(cache)).logits
         for i in range(0, ids.shape[1], step)
     ]
     return torch.cat(outs, dim=1)
@@ -90,7 +91,7 @@ def test_measured_kv_bytes_equal_modeled_bytes(tiny_models, name, cfg):
         assert cache.nbytes() == cache.modeled_nbytes(length), (length, chunk)
         # Decoding keeps them equal token by token.
         for step in range(3):
-            model(_ids(1, seed=step), past_key_values=cache)
+            model(_ids(1, seed=step), **with_cache(cache))
             assert cache.nbytes() == cache.modeled_nbytes(length + step + 1)
 
 
@@ -118,7 +119,7 @@ def test_history_is_never_requantized(tiny_models):
     before = cache.layers[1].k.packed
     codes, scale = before.codes.clone(), before.scale.clone()
     for step in range(20):
-        model(_ids(1, seed=step), past_key_values=cache)
+        model(_ids(1, seed=step), **with_cache(cache))
     after = cache.layers[1].k.packed
     assert torch.equal(after.codes[..., : codes.shape[-2], :], codes)
     assert torch.equal(after.scale[..., : scale.shape[-2], :], scale)
@@ -132,14 +133,14 @@ def test_residual_window_keeps_the_last_r_tokens_exact(tiny_models):
     )
     ref = DynamicCache(config=model.config)
     ids = _ids(50)
-    model(ids, past_key_values=cache)
-    model(ids, past_key_values=ref)
+    model(ids, **with_cache(cache))
+    model(ids, **with_cache(ref))
     stream = cache.layers[2].k
     assert stream.tail.shape[-2] == r and stream.n_q == 40
     assert torch.equal(stream.tail, ref.layers[2].keys[..., -r:, :])
     # R = 0: nothing stays in full precision with per-token quantization.
     zero = QuantizedKVCache(model.config, Config(k_bits=2, v_bits=2), torch.bfloat16)
-    model(ids, past_key_values=zero)
+    model(ids, **with_cache(zero))
     assert zero.layers[2].k.tail.shape[-2] == 0
 
 

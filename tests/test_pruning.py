@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from kvpareto.config import Config
 from kvpareto.engine import generate, prefill
 from kvpareto.errors import UserError
+from kvpareto.hf_compat import with_cache
 from kvpareto.memory import measure_prefill
 from kvpareto.models.tiny import build_tiny
 from kvpareto.quant.kv_cache import QuantizedKVCache
@@ -42,7 +43,7 @@ def _run(model, ids, cfg, decode_steps=3):
     cache = _cache(model, cfg, ids.shape[1])
     logits = [prefill(model, ids, cache, cfg.chunk_size)]
     for step in range(decode_steps):
-        logits.append(model(_ids(1, seed=step), past_key_values=cache).logits[:, -1])
+        logits.append(model(_ids(1, seed=step), **with_cache(cache)).logits[:, -1])
     return torch.cat(logits), cache
 
 
@@ -72,9 +73,9 @@ def test_rate_zero_and_a_rate_that_evicts_nothing_give_bit_identical_logits(tiny
         assert torch.equal(plain, same)
     if cfg == Config():
         ref = DynamicCache(config=model.config)
-        ref_logits = [model(ids, past_key_values=ref).logits[:, -1]]
+        ref_logits = [model(ids, **with_cache(ref)).logits[:, -1]]
         for step in range(3):
-            ref_logits.append(model(_ids(1, seed=step), past_key_values=ref).logits[:, -1])
+            ref_logits.append(model(_ids(1, seed=step), **with_cache(ref)).logits[:, -1])
         assert torch.equal(plain, torch.cat(ref_logits))
 
 
@@ -145,7 +146,7 @@ def test_half_rate_holds_half_the_prompt_and_measured_bytes_equal_modeled(tiny_m
             assert pruned.peak_nbytes <= (kept + 1) / length * full.peak_nbytes
         # Decode tokens are stored, never pruned, and the model follows them token by token.
         for step in range(3):
-            model(_ids(1, seed=step), past_key_values=pruned)
+            model(_ids(1, seed=step), **with_cache(pruned))
             assert pruned.nbytes() == pruned.modeled_nbytes(length + step + 1)
         assert all(layer.k.kept == kept + 3 for layer in pruned.layers if layer.pruner)
 
@@ -177,7 +178,7 @@ def test_positions_count_every_token_while_masks_count_the_stored(tiny_models):
     prefill(model, _ids(256), cache, cfg.chunk_size)
     assert cache.get_seq_length() == 256
     assert cache.get_mask_sizes(1, 0) == (128 + 1, 256 - 128)
-    model(_ids(1), past_key_values=cache)
+    model(_ids(1), **with_cache(cache))
     assert cache.get_seq_length() == 257
     assert cache.get_mask_sizes(5, 0) == (129 + 5, 257 - 129)
 
@@ -205,13 +206,13 @@ def test_after_pruning_a_chunk_sees_all_history_and_itself_causally_at_true_posi
     ref = _as_dynamic(model, cache)
     positions = torch.arange(192, 256)[None]
     with observe_queries(model, cache):  # this chunk is still prompt: it is pruned too
-        ours = model(ids[:, 192:], past_key_values=cache).logits
-    theirs = model(ids[:, 192:], past_key_values=ref, position_ids=positions).logits
+        ours = model(ids[:, 192:], **with_cache(cache)).logits
+    theirs = model(ids[:, 192:], **with_cache(ref), position_ids=positions).logits
     assert torch.equal(ours, theirs)
     ref = _as_dynamic(model, cache)
     token = _ids(1, seed=9)
-    ours = model(token, past_key_values=cache).logits
-    theirs = model(token, past_key_values=ref, position_ids=torch.tensor([[256]])).logits
+    ours = model(token, **with_cache(cache)).logits
+    theirs = model(token, **with_cache(ref), position_ids=torch.tensor([[256]])).logits
     assert torch.equal(ours, theirs)
 
 
@@ -235,7 +236,7 @@ def test_observed_queries_reproduce_the_models_own_attention(monkeypatch, arch):
     ids = _ids(80)
     cache = _cache(model, Config(prune_rate=0.5, prune_scorer="snapkv"), 80)
     with observe_queries(model, cache):
-        out = model(ids, past_key_values=cache, output_attentions=True)
+        out = model(ids, **with_cache(cache), output_attentions=True)
     pruned = [i for i, layer in enumerate(cache.layers) if layer.pruner]
     assert len(seen) == len(pruned)
     for (_, chunk), idx in zip(sorted(seen.items()), pruned, strict=True):
@@ -313,6 +314,7 @@ def test_random_scorer_is_seeded_and_rates_are_exact_fractions():
 # --- the point of it all: a question-aware scorer keeps the needle -------------------------------
 
 
+@pytest.mark.slow
 def test_snapkv_keeps_the_needle_far_more_often_than_random_eviction(smollm2):
     # SmolLM2, 20 pass-key prompts of ~1k tokens, needle depth 0-100%, half the prompt evicted
     # in one chunk. Measured (seed 0): SnapKV 20/20, random 10/20; each head keeps a random half,

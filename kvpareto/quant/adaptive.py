@@ -40,6 +40,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from kvpareto.config import Config
 from kvpareto.errors import UserError
+from kvpareto.hf_compat import cache_of
 from kvpareto.quant.controller import WIDTHS, LearnedController, RuleController, load_controller
 from kvpareto.quant.kv_cache import QuantizedKVCache, layer_windows, storage_dtype_16
 from kvpareto.quant.tiles import Quantized, TileShape, dequantize, quantize
@@ -297,12 +298,12 @@ class AdaptiveKVCache(Cache):
 
         def on_model(module, args, kwargs):
             cache = me()
-            if cache is not None and kwargs.get("past_key_values") is cache:
+            if cache is not None and cache_of(kwargs) is cache:
                 cache.writes.observe(kwargs.get("input_ids", args[0] if args else None))
 
         def on_attention(module, args, kwargs):
             cache = me()
-            if cache is not None and kwargs.get("past_key_values") is cache:
+            if cache is not None and cache_of(kwargs) is cache:
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
                 source = (module, hidden, kwargs["position_embeddings"])
                 cache.layers[module.layer_idx].probe_source = source
@@ -368,7 +369,8 @@ def _check_config(model_config, config: Config) -> None:
     }
     used = [knob for knob, on in static_only.items() if on]
     if used:
+        verb = "applies" if len(used) == 1 else "apply"
         raise UserError(
-            f"{', '.join(used)} apply to kv_scheme static only; kv_scheme {config.kv_scheme} "
+            f"{', '.join(used)} {verb} to kv_scheme static only; kv_scheme {config.kv_scheme} "
             "chooses per-token bits from --target-mean-bits"
         )

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpareto.hf_compat import without_cache
 from kvpareto.quant.tiles import TileShape, dequantize, quantize
 
 ALPHA_GRID = 20  # alpha in 0, 0.05, ..., 0.95, as in the paper
@@ -151,7 +152,7 @@ def _layer_inputs(model, calibration: torch.Tensor, layers) -> tuple[torch.Tenso
 
     def record(i):
         def hook(module, args, kwargs):
-            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+            kept = without_cache(kwargs)
             if "hidden_states" in kept:
                 hidden = kept.pop("hidden_states")
             else:
