@@ -181,6 +181,10 @@ def eval_command(
 
     for name in task_names:
         get_task(name)
+    if config.kv_scheme == "adaptive":  # a bad controller file fails before the model loads
+        from kvpareto.quant.controller import load_controller
+
+        load_controller(config.kv_scheme, config.controller)
     if threads:
         torch.set_num_threads(threads)
     with err.status(f"loading {model}"):

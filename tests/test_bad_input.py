@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 CLI = [sys.executable, "-m", "kvpareto.cli"]
 GOOD_SPACE = "params:\n  k_bits: [4, 8]\n"
@@ -91,3 +92,49 @@ def test_bad_paths_for_frontier_and_report(args, word):
     done = subprocess.run([*CLI, *args], capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert word in done.stderr
+
+
+def _corrupt_inputs(tmp: Path) -> dict[str, Path]:
+    """Malformed model and controller files, written fresh for each run."""
+    text = tmp / "text.gguf"
+    text.write_text("this is a text file, not a model\n")
+    noise = tmp / "noise.gguf"
+    noise.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    magic = tmp / "magic.gguf"  # the GGUF magic and version, then noise
+    magic.write_bytes(b"GGUF\x03\x00\x00\x00" + noise.read_bytes())
+    folder = tmp / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "no_such_arch"}')
+    controller = tmp / "controller.pt"
+    controller.write_bytes(noise.read_bytes()[:2048])
+    return {"text": text, "noise": noise, "magic": magic, "folder": folder, "ctrl": controller}
+
+
+# (name, eval args with {key} naming a file from _corrupt_inputs, a word the message must contain)
+EVAL_CASES = [
+    ("gguf that is a text file", ["--model", "{text}"], "GGUF"),
+    ("gguf of random bytes", ["--model", "{noise}"], "GGUF"),
+    ("gguf magic then random bytes", ["--model", "{magic}"], "GGUF"),
+    ("hf folder with unknown model_type", ["--model", "{folder}"], "no_such_arch"),
+    (
+        "controller file that is not one",
+        ["--kv-scheme", "adaptive", "--target-mean-bits", "4", "--controller", "{ctrl}"],
+        "controller",
+    ),
+    ("adaptive with static knobs", ["--kv-scheme", "adaptive", "--prune-rate", "0.5"], "applies"),
+]
+
+
+@pytest.mark.parametrize("name,args,word", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_bad_eval_input(tmp_path, name, args, word):
+    files = _corrupt_inputs(tmp_path)
+    args = [a.format(**files) for a in args]
+    base = ["eval", "--model", "tiny-llama", "--tasks", "niah", "--context-lengths", "256"]
+    done = subprocess.run(
+        [*CLI, *base, "--samples", "1", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert word.lower() in lines[0].lower(), lines[0]

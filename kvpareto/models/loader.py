@@ -132,8 +132,11 @@ def _convert_gguf(gguf_path: Path, sha256: str, name: str) -> None:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     folder, file = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    except Exception as e:  # noqa: BLE001 - parsing foreign bytes fails in many ways
+        raise UserError(f"{gguf_path} is not a readable GGUF model: {_summary(e)}") from None
     # The weights are already dequantized floats; the GGUF marker only blocks saving them.
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -158,11 +161,16 @@ def _load_hf(ref: str, model_hash: str, dtype: torch.dtype) -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(ref)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load model {ref!r}: {first}") from e
+    except (OSError, ValueError, KeyError) as e:  # missing files, unknown model_type, bad config
+        raise UserError(f"could not load model {ref!r}: {_summary(e)}") from None
     model.eval()
     return LoadedModel(model, tokenizer, spec_from_config(ref, model), model_hash)
+
+
+def _summary(error: Exception) -> str:
+    """The first sentence of a library's error, so a user error stays on one line."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0].rstrip(".")
 
 
 def spec_from_config(name: str, model: torch.nn.Module) -> ModelSpec:

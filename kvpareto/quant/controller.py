@@ -73,8 +73,12 @@ class LearnedController:
     def load(cls, path: Path | str) -> LearnedController:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
+        except OSError as e:
             raise UserError(f"cannot read controller file {path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the unpickler fails in many ways on foreign bytes
+            raise UserError(
+                f"{path} is not a kvpareto controller file ({type(e).__name__} while reading it)"
+            ) from None
         if not isinstance(state, dict):
             raise UserError(f"{path} is not a kvpareto controller file")
         return cls(state)
