@@ -4,6 +4,10 @@
 # torch: TORCH picks the build pip installs when the venv has none. The default, torch==2.13.0,
 # is a CPU wheel on the machines this project targets; elsewhere pass the build you want, e.g.
 # `make test TORCH="torch==2.13.0 --index-url <your CUDA index>"`, or install torch into .venv first.
+#
+# Versions: every other dependency is installed at the exact version in constraints.txt, the set
+# CI tested (`make lock` regenerates it from pyproject.toml's ranges; .ci/compat checks the newest
+# versions those ranges allow).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,15 +17,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvpareto-installed
 RESULTS ?= results
 
-.PHONY: setup model search smoke test report bench lint format clean
+.PHONY: setup model search smoke test report bench lint format lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
 model: setup
@@ -50,7 +54,7 @@ report: setup
 	$(BIN)/kvpareto report $$(dirname $$(ls $(RESULTS)/*/*/frontier.json)) -o $(RESULTS)/report.html
 
 bench: model
-	$(BIN)/python -c "import optimum.quanto" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -c "import optimum.quanto" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/kvpareto bench --model $(MODEL) --threads 2
 
 lint: setup
@@ -60,6 +64,17 @@ lint: setup
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Regenerate constraints.txt: the newest versions pyproject.toml allows, resolved by uv against the
+# torch build installed in .venv (so its dependencies are those of the CPU wheel, not of PyPI's
+# CUDA build; torch itself stays out of the file, TORCH installs it). Run `make test` after it.
+lock: setup
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --upgrade --quiet \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--constraint $(VENV)/torch-pin.txt $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
+		--no-emit-package torch --custom-compile-command "make lock" -o constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
