@@ -5,7 +5,9 @@ Prefill feeds the prompt in chunks of `chunk_size` tokens (0 = one chunk) throug
 activation peak). With token pruning, the prompt's tokens are evicted chunk by chunk as they
 arrive (`kvpareto.quant.pruning`), and a scorer that needs queries gets them from hooks that live
 only as long as the prefill. Decode then appends one greedy token at a time until an
-end-of-sequence token, a stop string, or `max_new_tokens`.
+end-of-sequence token, a stop string, or `max_new_tokens`. A one-chunk prefill into a static,
+unpruned cache is computed once per model and prompt and replayed into later caches
+(`kvpareto.prefill_reuse`): its forward pass does not depend on the KV configuration.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.hf_compat import with_cache
+from kvpareto.prefill_reuse import STORE, record_prefill, replay_prefill, reusable
 from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.kv_cache import QuantizedKVCache
 from kvpareto.quant.pruning import observe_queries
@@ -35,6 +38,7 @@ class Generation:
     prefill_s: float
     decode_s: float
     cache: QuantizedKVCache
+    prefill_reused: bool = False  # replayed from a recorded prefill (see prefill_reuse)
 
     @property
     def decode_steps(self) -> int:
@@ -64,6 +68,24 @@ def prefill(
                 logits_to_keep=1,
             )
     return out.logits[:, -1]
+
+
+def prefill_or_replay(
+    model, input_ids: torch.Tensor, cache, config: Config
+) -> tuple[torch.Tensor, float | None]:
+    """`prefill`, or a replay of this prompt's recorded prefill where the config allows it
+    (`kvpareto.prefill_reuse`). Returns the last logits and, for a replay, the seconds the
+    recorded forward pass took (None when the forward pass ran here)."""
+
+    def cold() -> torch.Tensor:
+        return prefill(model, input_ids, cache, config.chunk_size)
+
+    if not reusable(config, input_ids.shape[1]):
+        return cold(), None
+    record = STORE.get(model, tuple(input_ids[0].tolist()))
+    if record is None:
+        return record_prefill(model, input_ids, cache, cold), None
+    return replay_prefill(record, cache), record.forward_s
 
 
 @torch.inference_mode()
@@ -116,11 +138,13 @@ def generate(
     stops = stop_token_ids(model, tokenizer)
 
     t0 = time.perf_counter()
-    logits = prefill(model, input_ids, cache, config.chunk_size)
+    logits, recorded_forward_s = prefill_or_replay(model, input_ids, cache, config)
     if not torch.isfinite(logits).all():
         raise NonFiniteLogits(f"non-finite logits after prefill under {config.label()}")
     kv_bytes = cache.nbytes()
     t1 = time.perf_counter()
+    # A replay's own time is only its cache writes: add the forward pass it stands for.
+    prefill_s = (t1 - t0) + (recorded_forward_s or 0.0)
 
     new: list[int] = []
     token = logits.argmax(dim=-1)
@@ -135,4 +159,5 @@ def generate(
     t2 = time.perf_counter()
 
     text = tokenizer.decode([t for t in new if t not in stops], skip_special_tokens=True)
-    return Generation(input_ids.shape[1], new, text, kv_bytes, t1 - t0, t2 - t1, cache)
+    reused = recorded_forward_s is not None
+    return Generation(input_ids.shape[1], new, text, kv_bytes, prefill_s, t2 - t1, cache, reused)

@@ -65,6 +65,7 @@ def run_trial(
     per_task: dict[str, list[float]] = {t.name: [] for t in tasks}
     outcomes = []
     prefill_tokens = prefill_s = decode_steps = decode_s = 0.0
+    reused = 0  # prefills replayed from a recorded forward pass (kvpareto.prefill_reuse)
     cached_tokens = cached_bits = 0.0  # for the mean KV bits, token-weighted over prompts
     for i, (task, sample) in enumerate(work):
         ids = torch.tensor([sample.input_ids])
@@ -77,6 +78,7 @@ def run_trial(
         prefill_s += gen.prefill_s
         decode_steps += gen.decode_steps
         decode_s += gen.decode_s
+        reused += gen.prefill_reused
         cached_tokens += gen.cache.get_seq_length()
         cached_bits += gen.cache.mean_bits() * gen.cache.get_seq_length()
         if progress:
@@ -130,6 +132,7 @@ def run_trial(
         "timing": {
             "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
             "decode_ms_per_token": 1000 * decode_s / decode_steps if decode_steps else None,
+            "prefills_reused": reused,
         },
         "weights": _weights_summary(loaded, config),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
