@@ -217,3 +217,45 @@ def prune_bench(loaded, length: int, samples: int, log=print) -> list[dict]:
             f"KV {row['kv_bytes'] / 2**20:.2f} MiB ({row['kv_vs_unpruned']:.2f}x)"
         )
     return rows
+
+
+def reuse_bench(loaded, length: int, samples: int, log=print) -> dict:
+    """Wall time of a KV-only trial whose prefills are replayed, over the same trial run cold.
+
+    Both run the same k4v2 per-channel config on NIAH at `length` tokens: the cold one with the
+    prefill store disabled, the warm one after a 16-bit trial has recorded the prompts. Results
+    are identical (tests/test_prefill_reuse.py); only the time differs.
+    """
+    from kvpareto.prefill_reuse import STORE
+    from kvpareto.trial import run_trial
+
+    config = Config(k_bits=4, v_bits=2, k_granularity="per-channel", residual_length=32)
+
+    def timed() -> tuple[float, dict]:
+        start = time.perf_counter()
+        result = run_trial(loaded, config, ["niah"], [length], samples, seed=0)
+        return time.perf_counter() - start, result
+
+    STORE.clear()
+    limit, STORE.limit = STORE.limit, 0  # records nothing: every prefill runs cold
+    try:
+        cold_s, cold = timed()
+    finally:
+        STORE.limit = limit
+    run_trial(loaded, Config(), ["niah"], [length], samples, seed=0)  # records the prompts
+    warm_s, warm = timed()
+    STORE.clear()
+    row = {
+        "context": length,
+        "samples": samples,
+        "cold_s": cold_s,
+        "reused_s": warm_s,
+        "reused_vs_cold": warm_s / cold_s,
+        "prefills_reused": warm["timing"]["prefills_reused"],
+        "same_outcomes": warm["samples"] == cold["samples"],
+    }
+    log(
+        f"trial with prefill reuse: {warm_s:.1f} s vs cold {cold_s:.1f} s "
+        f"({row['reused_vs_cold']:.2f}x, {row['prefills_reused']} prefills replayed)"
+    )
+    return row

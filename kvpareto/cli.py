@@ -222,7 +222,9 @@ def bench_command(
     repeats: int = typer.Option(3, min=1, help="Timed runs per figure (the median is kept)."),
     threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
     dtype: str = typer.Option("bfloat16", help="Compute dtype."),
-    parts: str = typer.Option("kv,weights,prune", help="Which benchmarks: kv, weights, prune."),
+    parts: str = typer.Option(
+        "kv,weights,prune,reuse", help="Which benchmarks: kv, weights, prune, reuse."
+    ),
     prune_samples: int = typer.Option(10, min=1, help="NIAH prompts per prune rate."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -232,14 +234,14 @@ def bench_command(
     """
     import torch
 
-    from kvpareto.bench import prune_bench, run_bench, weight_bench
+    from kvpareto.bench import prune_bench, reuse_bench, run_bench, weight_bench
     from kvpareto.models import load_model
 
     lengths = _csv_ints(context_lengths, "--context-lengths")
     chosen = {p.strip() for p in parts.split(",") if p.strip()}
-    if not chosen or chosen - {"kv", "weights", "prune"}:
+    if not chosen or chosen - {"kv", "weights", "prune", "reuse"}:
         raise UserError(
-            f"--parts takes a comma-separated subset of kv, weights, prune; got {parts!r}"
+            f"--parts takes a comma-separated subset of kv, weights, prune, reuse; got {parts!r}"
         )
     if threads:
         torch.set_num_threads(threads)
@@ -251,6 +253,8 @@ def bench_command(
         rows["weights"] = weight_bench(loaded, min(lengths), steps, repeats, log=log)
     if "prune" in chosen:
         rows["prune"] = prune_bench(loaded, min(lengths), prune_samples, log=log)
+    if "reuse" in chosen:
+        rows["reuse"] = reuse_bench(loaded, min(lengths), prune_samples, log=log)
     rows["model"], rows["threads"], rows["dtype"] = loaded.spec.name, torch.get_num_threads(), dtype
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
