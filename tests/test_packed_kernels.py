@@ -186,3 +186,15 @@ def test_the_weight_cache_key_follows_the_int4pack_layout(monkeypatch):
     key = weights_module._cache_key("hash", "int4", 64, "", None)
     monkeypatch.setattr(int4pack, "layout", lambda: "lanes32")
     assert weights_module._cache_key("hash", "int4", 64, "", None) != key
+
+
+@needs_int4pack
+@pytest.mark.parametrize("seed", range(4))
+def test_int4pack_round_trip_error_is_at_most_half_a_scale_plus_half_an_ulp_of_the_zero(seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(32, 128, generator=gen) * torch.rand(32, 1, generator=gen) + seed
+    layer = PackedLinear.quantize(w, None, 4, 32, symmetric=False)
+    err = (layer.dequantized_weight(torch.float32) - w).abs().view(32, 4, 32)
+    scale, zero = layer.scale.t().float(), layer.zero.t().float()  # [N, K/g]
+    bound = scale / 2 + zero.abs() * 2**-9 + 1e-6
+    assert (err <= bound[..., None]).all()

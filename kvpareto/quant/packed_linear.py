@@ -303,11 +303,11 @@ def kernel_summary(model: torch.nn.Module) -> dict:
 
 
 def _probe(bits: int, dtype: torch.dtype, rows: int) -> dict:
-    """Time every path on the probe layer after one warm-up call each: rounds that time each
-    path in turn, so that other load on the machine hits all alike, and the best call is kept.
+    """Time every path on the probe layer: one first call each, then rounds that time each
+    path in turn, so that other load on the machine hits all alike; the best call is kept.
 
-    A path whose warm-up call alone is 4x slower than the best so far keeps that time and is
-    not repeated: it cannot win, and fp32 through the packed kernels can cost 0.5 s a call.
+    A path whose first call is 4x slower than the best first call keeps that time and is not
+    repeated: it cannot win, and fp32 through the packed kernels can cost 0.5 s a call.
     """
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(_PROBE_SHAPE, generator=gen) * 0.05

@@ -3,8 +3,9 @@
 Each method is a small `WeightQuantizer` with one `quantize` method that replaces the decoder's
 linear layers by `PackedLinear`s:
 
-    int8   per-output-channel symmetric round-to-nearest (one fp16 scale per row)
-    int4   group-wise asymmetric round-to-nearest (fp16 scale and zero per group of g inputs)
+    int8   per-output-channel symmetric round-to-nearest (one bf16 scale per row)
+    int4   group-wise asymmetric round-to-nearest (a bf16 scale and zero per group of g inputs;
+           fp16 in the tile codec, for the few shapes torch's int4 kernel refuses)
     awq4   AWQ scales searched on calibration activations (`awq.py`), then int4 as above
 
 Only the linears inside decoder layers are quantized. Embeddings and the LM head stay in the
