@@ -6,7 +6,7 @@ Targets live here, not in tests: tests check behaviour, wall time belongs to ben
 - prefill tokens/s chunked over unchunked;
 - the measured activation peak against chunk size;
 - weight quantization: AWQ and RTN quantization time, and weight bytes and decode tokens/s of
-  int8/int4/awq4 over the unquantized model;
+  int8/int4/awq4 over the unquantized model, with the decode path their layers take;
 - KV pruning: NIAH accuracy and KV bytes against prune rate, over no pruning.
 Decode rates are timed round-robin across caches (see `decode_rates`); the median is kept.
 """
@@ -152,6 +152,7 @@ def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> li
     import copy
 
     from kvpareto.memory import weights_bytes_measured
+    from kvpareto.quant.packed_linear import kernel_summary
     from kvpareto.quant.weights import QUANTIZERS, calibration_ids
 
     base = loaded.model
@@ -175,6 +176,7 @@ def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> li
     rows = []
     for name, model in models.items():
         held = weights_bytes_measured(model)
+        kernel = kernel_summary(model).get("decode", "dense")
         rows.append(
             {
                 "weights": name,
@@ -184,11 +186,12 @@ def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> li
                 "bytes_vs_none": held / base_bytes,
                 "tokens_per_s": rates[name],
                 "vs_none": rates[name] / rates["none"],
+                "kernel": kernel,
             }
         )
         log(
             f"weights {name}: {held / 2**20:.1f} MiB ({held / base_bytes:.2f}x), "
-            f"decode {rates[name]:.1f} tok/s ({rates[name] / rates['none']:.2f}x)"
+            f"decode {rates[name]:.1f} tok/s ({rates[name] / rates['none']:.2f}x) via {kernel}"
         )
     return rows
 

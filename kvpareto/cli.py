@@ -261,7 +261,8 @@ def bench_command(
         return
     if "weights" in rows:
         table = Table(title=f"weights (16-bit KV, decode at {min(lengths)} tokens)")
-        for col in ("weights", "quantize s", "MiB", "÷ none", "decode tok/s", "÷ none "):
+        cols = ("weights", "quantize s", "MiB", "÷ none", "decode tok/s", "÷ none ", "kernel")
+        for col in cols:
             table.add_column(col)
         for r in rows["weights"]:
             table.add_row(
@@ -271,6 +272,7 @@ def bench_command(
                 f"{r['bytes_vs_none']:.2f}x",
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['vs_none']:.2f}x",
+                r["kernel"],
             )
         out.print(table)
     if "prune" in rows:

@@ -13,7 +13,9 @@ c tokens with p tokens already cached (t = p + c visible), with e bytes per elem
 
 Unchunked prefill has no mask and no repeat, which is why chunking wins twice at long context.
 Packed weights (`weights` int8/int4/awq4) add a third moment: the widest linear running on its
-chunk, with its dequantized weight and, for int4, the unpacked codes alive (see `_weight_moment`).
+chunk, with its dequantized weight and, for int4, the unpacked codes alive when the chunk takes
+the dequantize path, or only its activations cast to bf16 when it takes a packed kernel (the path
+measured on this machine, `packed_linear.call_path`; see `_weight_moment`).
 It only sets the peak when chunks are small; otherwise it hides under the other two.
 Checked against the measured peak in tests/test_memory.py (SmolLM2, 1k and 4k, within 10%).
 """
@@ -52,19 +54,32 @@ def modeled_activation_peak(
             if heads > kv:
                 attention += 2 * t * heads * d * e
         mlp = c * (3 * inter + 4 * h + 2 * d) * e + mask
-        peak = max(peak, attention, mlp, _weight_moment(cfg, config, c, e))
+        peak = max(peak, attention, mlp, _weight_moment(cfg, config, c, dtype))
     return peak
 
 
-def _weight_moment(cfg, config: Config, c: int, e: int) -> int:
+def _weight_moment(cfg, config: Config, c: int, dtype: torch.dtype) -> int:
     """Bytes live while the widest packed linear (down_proj) runs on a chunk of c tokens."""
+    from kvpareto.quant import int4pack
+    from kvpareto.quant.packed_linear import call_path, weight_group
+
     if config.weights == "none":
         return 0
     h, inter = cfg.hidden_size, cfg.intermediate_size
     heads = cfg.num_attention_heads
     d = getattr(cfg, "head_dim", None) or h // heads
-    widest = max(h * inter, h * heads * d)
-    # The dequantized weight, plus for int4 the unpacked codes and the tail of the shifted
-    # fields (1.5 bytes per weight, measured on SmolLM2's down_proj: 3.15 MB in bf16).
-    temporaries = widest * (e + (0 if config.weights == "int8" else 1.5))
-    return int(temporaries) + c * (inter + 3 * h) * e
+    width = max(inter, heads * d)  # the input width of the widest linear; its output is h
+    e = torch.finfo(dtype).bits // 8
+    chunk = c * (inter + 3 * h) * e
+    bits = 8 if config.weights == "int8" else 4
+    group = weight_group(config.weight_group_size, width) if bits == 4 else width
+    path = call_path(bits, (h, width), group, dtype, c)
+    if path == "packed-bf16":
+        return chunk + c * (width + h) * 2
+    if path == "packed":
+        return chunk
+    # The dequantized weight, plus the codes unpacked beside it: none for int8; for int4, one
+    # byte a weight from torch's int4pack layout, 1.5 from the tile codec's (the tail of its
+    # shifted fields; measured on SmolLM2's down_proj: 3.15 MB in bf16).
+    codes = 0 if bits == 8 else 1.0 if int4pack.supports(h, width, group) else 1.5
+    return int(h * width * (e + codes)) + chunk

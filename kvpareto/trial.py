@@ -200,8 +200,9 @@ def _memory(
 
 
 def _weights_summary(loaded: LoadedModel, config: Config) -> dict:
-    """What the weights were: method, the group sizes actually used, whether read from disk."""
-    from kvpareto.quant.packed_linear import PackedLinear
+    """What the weights were: method, the group sizes actually used, whether read from disk,
+    and the path their layers take per phase on this machine."""
+    from kvpareto.quant.packed_linear import PackedLinear, kernel_summary
 
     method, group, backend = config.weight_method
     groups = sorted({m.group for m in loaded.model.modules() if isinstance(m, PackedLinear)})
@@ -211,6 +212,7 @@ def _weights_summary(loaded: LoadedModel, config: Config) -> dict:
         "effective_group_sizes": groups if method in ("int4", "awq4") else [],
         "awq_backend": backend or None,
         "from_cache": loaded.from_cache if method != "none" else None,
+        "kernels": kernel_summary(loaded.model) or None,
     }
 
 

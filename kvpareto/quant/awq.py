@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpareto.hf_compat import without_cache
-from kvpareto.quant.tiles import TileShape, dequantize, quantize
+from kvpareto.quant.packed_linear import PackedLinear
 
 ALPHA_GRID = 20  # alpha in 0, 0.05, ..., 0.95, as in the paper
 LOSS_TOKENS = 1024  # calibration tokens the alpha search evaluates its loss on
@@ -121,9 +121,10 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int) -> to
 
 
 def fake_int4(w: torch.Tensor, group: int) -> torch.Tensor:
-    """Quantize-dequantize with exactly the codec PackedLinear stores (asymmetric, 1 x g tiles)."""
-    tile = TileShape(1, group)
-    return dequantize(quantize(w, 4, tile, symmetric=False), 4, tile, torch.float32)
+    """Quantize-dequantize with exactly the codec and layout PackedLinear stores for `w`."""
+    return PackedLinear.quantize(w, None, 4, group, symmetric=False).dequantized_weight(
+        torch.float32
+    )
 
 
 def _fold(pair: ScalingPair, s: torch.Tensor) -> None:

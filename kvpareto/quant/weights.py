@@ -3,8 +3,9 @@
 Each method is a small `WeightQuantizer` with one `quantize` method that replaces the decoder's
 linear layers by `PackedLinear`s:
 
-    int8   per-output-channel symmetric round-to-nearest (one fp16 scale per row)
-    int4   group-wise asymmetric round-to-nearest (fp16 scale and zero per group of g inputs)
+    int8   per-output-channel symmetric round-to-nearest (one bf16 scale per row)
+    int4   group-wise asymmetric round-to-nearest (a bf16 scale and zero per group of g inputs;
+           fp16 in the tile codec, for the few shapes torch's int4 kernel refuses)
     awq4   AWQ scales searched on calibration activations (`awq.py`), then int4 as above
 
 Only the linears inside decoder layers are quantized. Embeddings and the LM head stay in the
@@ -32,11 +33,11 @@ from pathlib import Path
 import torch
 
 from kvpareto.config import Config
+from kvpareto.quant import int4pack
 from kvpareto.quant.awq_backends import check_backend
-from kvpareto.quant.packed_linear import PackedLinear, weight_group
-from kvpareto.quant.tiles import Quantized
+from kvpareto.quant.packed_linear import LAYOUTS, PackedLinear, weight_group
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: kernel layouts (int4pack, int8 codes, bf16 scales)
 CALIBRATION_SEQS = 8
 CALIBRATION_TOKENS = 256
 
@@ -171,7 +172,8 @@ def _decoder_linears(model):
 
 def _cache_key(model_hash, method, group, backend, calibration) -> str:
     calib = None if calibration is None else hashlib.sha256(calibration.numpy()).hexdigest()
-    blob = json.dumps([CACHE_FORMAT, model_hash, method, group, backend, calib])
+    # int4pack's byte order follows the CPU's ISA: a cache from another ISA must not be read.
+    blob = json.dumps([CACHE_FORMAT, int4pack.layout(), model_hash, method, group, backend, calib])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -192,7 +194,12 @@ def _save(model, info: dict, folder: Path) -> None:
     for kind, scales in info.items():  # AWQ's scales: {"input_scales": {linear: s}, ...}
         tensors.update({f"{kind}:{name}": s.clone() for name, s in scales.items()})
     linears = {
-        name: {"bits": m.bits, "group": m.group, "shape": [m.out_features, m.in_features]}
+        name: {
+            "layout": type(m).__name__,
+            "bits": m.bits,
+            "group": m.group,
+            "shape": [m.out_features, m.in_features],
+        }
         for name, m in layers.named_modules()
         if isinstance(m, PackedLinear)
     }
@@ -219,15 +226,11 @@ def _load(base, folder: Path):
     for name, spec in meta["linears"].items():
         parent_name, _, attr = name.rpartition(".")
         parent = layers.get_submodule(parent_name)
+        layout = LAYOUTS[spec["layout"]]
+        buffers = {b: tensors.get(f"{name}.{b}") for b in layout.BUFFERS}
         bias = tensors.get(f"{name}.bias")
-        packed = Quantized(
-            tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors.get(f"{name}.zero")
-        )
-        setattr(
-            parent,
-            attr,
-            PackedLinear(packed, spec["bits"], spec["group"], spec["shape"], bias, dtype),
-        )
+        layer = layout(spec["bits"], spec["group"], spec["shape"], bias, dtype, buffers)
+        setattr(parent, attr, layer)
     info: dict[str, dict] = {}
     for key, value in tensors.items():
         if ":" in key:
