@@ -47,9 +47,9 @@ DECODE_ROWS = 8
 # (the kernels lose to dequantize + GEMM somewhere near 64 rows here, so a chunk must be long).
 _PROBE_SHAPE, _PROBE_GROUP = (1536, 576), 64
 _PROBE_ROWS = {"decode": 1, "prefill": 256}
-_PROBE_FORMAT = 1
+_PROBE_FORMAT = 1  # bump when the probe changes: it enters the per-machine cache key
 # The AVX-512 int8 kernel reads K in whole vectors and crashes (no error) on a ragged tail.
-INT8_K_MULTIPLE = 32  # bump when the probe changes: it enters the per-machine cache key
+INT8_K_MULTIPLE = 32
 
 
 def weight_group(requested: int, in_features: int) -> int:
