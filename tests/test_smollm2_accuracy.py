@@ -7,6 +7,7 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.engine import generate
+from kvpareto.stats import mcnemar_exact, wilson
 from kvpareto.tasks import get_task
 from kvpareto.trial import run_trial
 
@@ -18,9 +19,13 @@ PER_TOKEN_2BIT = Config(
 )
 
 
+SEEDS = (0, 1, 2)  # pooled: one seed's 10 prompts cannot rank the 2-bit schemes (see below)
+
+
 @pytest.fixture(scope="module")
 def prompts(smollm2):
-    return get_task("niah").samples(smollm2.tokenizer, 1024, 10, seed=0)
+    task = get_task("niah")
+    return [s for seed in SEEDS for s in task.samples(smollm2.tokenizer, 1024, 10, seed=seed)]
 
 
 def _answers(smollm2, prompts, cfg):
@@ -38,26 +43,48 @@ def baseline(smollm2, prompts):
 
 
 def test_k8v8_per_token_keeps_every_baseline_answer(smollm2, prompts, baseline):
-    assert sum(baseline) >= 9
-    k8v8 = _answers(smollm2, prompts, Config(k_bits=8, v_bits=8))
-    assert all(q for q, b in zip(k8v8, baseline, strict=True) if b)
+    first = prompts[:10]  # seed 0
+    assert sum(baseline[:10]) >= 9
+    k8v8 = _answers(smollm2, first, Config(k_bits=8, v_bits=8))
+    assert all(q for q, b in zip(k8v8, baseline[:10], strict=True) if b)
 
 
 @pytest.fixture(scope="module")
 def two_bit(smollm2, prompts):
-    return sum(_answers(smollm2, prompts, KIVI)), sum(_answers(smollm2, prompts, PER_TOKEN_2BIT))
+    return _answers(smollm2, prompts, KIVI), _answers(smollm2, prompts, PER_TOKEN_2BIT)
 
 
-def test_two_bit_caches_lose_accuracy_against_the_baseline(two_bit, baseline):
+def _paired(a: list[bool], b: list[bool]) -> float:
+    """Exact McNemar p for two configs on the same prompts."""
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    return mcnemar_exact(only_a, only_b)
+
+
+def test_two_bit_caches_measured_against_the_baseline_and_each_other(two_bit, baseline, capsys):
+    """A recorded measurement, pooled over seeds 0-2 (30 prompts of ~1k tokens). Measured on an
+    avx512_bf16 CPU (SmolLM2 bf16): 16-bit 30/30, KIVI (per-channel keys) 24/30, per-token keys
+    22/30; seed by seed KIVI/per-token 9/7, 9/10, 6/5. KIVI's finding that per-channel keys beat
+    per-token keys at 2 bits does not hold with confidence on this model (8 discordant prompts,
+    5 to 3: McNemar p = 0.73), and one seed's 10 prompts reverse it, so it is printed, not
+    asserted. What holds with confidence is asserted: per-token 2-bit keys lose answers the
+    16-bit cache keeps (8 to 0: p = 0.008)."""
     kivi, per_token = two_bit
-    assert kivi < sum(baseline) or per_token < sum(baseline)
-
-
-def test_kivi_per_channel_keys_beat_per_token_keys_at_2_bits(two_bit):
-    """KIVI's finding, on these 10 prompts (niah v2, seed 0): measured 9/10 vs 7/10. The margin
-    is within noise on this model: seed 1 gave 9 vs 10, and the v1 prompts 6 vs 9 (issue #3)."""
-    kivi, per_token = two_bit
-    assert kivi > per_token
+    n = len(baseline)
+    with capsys.disabled():
+        for name, hits in (
+            ("16-bit", baseline),
+            ("KIVI 2-bit", kivi),
+            ("per-token 2-bit", per_token),
+        ):
+            lo, hi = wilson(sum(hits), n)
+            print(
+                f"\n[measured] niah@1k, seeds {SEEDS}: {name} {sum(hits)}/{n} [{lo:.2f}, {hi:.2f}]"
+            )
+        print(f"[measured] KIVI vs per-token, McNemar p = {_paired(kivi, per_token):.3f}")
+        print(f"[measured] per-token vs 16-bit, McNemar p = {_paired(per_token, baseline):.3f}")
+    assert sum(per_token) < sum(baseline)
+    assert _paired(per_token, baseline) < 0.05
 
 
 def test_smollm2_finds_pass_keys_in_prose_and_uuid_pass_keys(smollm2):
