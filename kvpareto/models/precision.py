@@ -85,7 +85,7 @@ UNKNOWN = SourcePrecision("unknown")
 
 
 def _types(types: tuple[TensorType, ...]) -> str:
-    return " and ".join(t.text() for t in types)
+    return " + ".join(t.text() for t in types)
 
 
 def _ggml_type(name: str, block: int, tensors: int) -> TensorType:
