@@ -492,12 +492,18 @@ def _read_frontier(folder: Path) -> dict:
 
 
 def _print_frontier(model: str, summary: dict) -> None:
+    from kvpareto.search.outputs import GRID_NOTE
+
     base = summary.get("baseline")
+    source = summary.get("source_precision")
+    rebuilt = any(e.get("reproduces_source_grid") for e in summary["frontier"])
     table = Table(
         title=f"{model}: Pareto frontier ({summary['complete']} complete, "
-        f"{summary['failed']} failed, {summary['infeasible']} over budget)",
+        f"{summary['failed']} failed, {summary['infeasible']} over budget)"
+        + (f"\nsource precision: {source}" if source else ""),
         caption=f"hypervolume {summary['hypervolume']:.4f} (reference: 1.1 x baseline memory, "
-        "accuracy 0); K = knee; ~ = CI overlaps a cheaper frontier point",
+        "accuracy 0); K = knee; ~ = CI overlaps a cheaper frontier point"
+        + (f"; G = {GRID_NOTE}" if rebuilt else ""),
     )
     table.add_column("")
     table.add_column("config", no_wrap=True)
@@ -505,7 +511,11 @@ def _print_frontier(model: str, summary: dict) -> None:
     for col in ("MB", "vs base", "acc", "95% CI", "Δ acc") + (("Δ ppl",) if with_ppl else ()):
         table.add_column(col, no_wrap=True)
     for e in summary["frontier"]:
-        mark = ("K" if e["knee"] else "") + ("~" if e["indistinguishable"] else "")
+        mark = (
+            ("K" if e["knee"] else "")
+            + ("~" if e["indistinguishable"] else "")
+            + ("G" if e.get("reproduces_source_grid") else "")
+        )
         lo, hi = e["accuracy_ci"]
         delta = e["delta_accuracy"]
         table.add_row(
@@ -537,10 +547,15 @@ def _mib(n: int) -> str:
 
 
 def _print_result(r: dict) -> None:
+    from kvpareto.search.outputs import GRID_NOTE
+
     lo, hi = r["accuracy_ci"]
     out.print(
         f"[bold]{r['model']}[/bold]  {r['label']}  (prompt {r['longest_prompt_tokens']} tokens)"
     )
+    out.print(f"source precision: {r['source_precision']['description']}", markup=False)
+    if r["weights"]["reproduces_source_grid"]:
+        out.print(f"{r['label']} {GRID_NOTE}", markup=False)
     acc = Table(title="accuracy (Wilson 95% CI)")
     for col in ("task", "accuracy", "95% CI", "n"):
         acc.add_column(col)

@@ -3,12 +3,14 @@
 The page embeds plotly.js, so it opens offline (from a USB stick, on a plane). It reads only what a
 search wrote (`trials.parquet`, `frontier.json`, `study.json`); it never imports torch.
 
-Per model: the frontier scatter (every trial, CI error bars, the frontier as a step line, baseline
+Per model: the source precision of its weights (a dequantized 4-bit model is no float
+baseline), the frontier scatter (every trial, CI error bars, the frontier as a step line, baseline
 and knee marked, failed and over-budget trials faded), the memory breakdown of frontier configs
 (measured next to modeled), NIAH heatmaps (context length x needle depth) for the baseline, the
 knee and the cheapest frontier config within 3 points of the baseline, a parallel-categories view
 of the knobs coloured by accuracy, and a sortable table of frontier configs with a copyable
-`--config` snippet each. With several models, an overlay of their fronts on normalized axes.
+`--config` snippet each (configs that rebuild the source grid say so). With several models, an
+overlay of their fronts on normalized axes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import yaml
 from plotly.offline import get_plotlyjs
 
 from kvpareto.errors import UserError
+from kvpareto.search.outputs import GRID_NOTE
 
 KNOBS = [
     "k_bits",
@@ -330,12 +333,21 @@ def _facts_html(st: Study) -> str:
         ),
         ("space", f"{(f.get('space') or {}).get('name')} ({(f.get('space') or {}).get('hash')})"),
         ("versions", versions),
-        ("note", f.get("baseline_note", "")),
     ]
     cells = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )
     return f'<table class="facts">{cells}</table>'
+
+
+def _source_html(st: Study) -> str:
+    """The model's upstream precision, under the study's title: studies written before it was
+    recorded show their baseline note instead."""
+    source = (st.facts.get("source_precision") or {}).get("description")
+    text = source or st.facts.get("baseline_note")
+    if not text:
+        return ""
+    return f'<p class="source-precision"><b>source precision:</b> {html.escape(text)}</p>'
 
 
 def _frontier_table(st: Study) -> str:
@@ -356,9 +368,13 @@ def _frontier_table(st: Study) -> str:
     for e in st.frontier["frontier"]:
         snippet = yaml.safe_dump(e["config"], sort_keys=False).strip()
         lo, hi = e["accuracy_ci"]
-        notes = " ".join(
+        notes = "; ".join(
             n
-            for n, on in (("knee", e["knee"]), ("indistinguishable", e["indistinguishable"]))
+            for n, on in (
+                ("knee", e["knee"]),
+                ("indistinguishable", e["indistinguishable"]),
+                (GRID_NOTE, e.get("reproduces_source_grid")),
+            )
             if on
         )
         delta = "" if e["delta_accuracy"] is None else f"{e['delta_accuracy']:+.3f}"
@@ -403,6 +419,7 @@ def build_report(folders: list[Path]) -> str:
         parts = [
             f'<section id="{st.slug}">'
             f"<h2>{html.escape(st.model)}: {html.escape(st.folder.name)}</h2>",
+            _source_html(st),
             _facts_html(st),
             _div(frontier_figure(st), f"frontier-{st.slug}"),
         ]

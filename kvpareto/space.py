@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import yaml
@@ -111,6 +111,15 @@ class SearchSpace:
         for key in _SHARED_KNOBS if (k_q or v_q) else _POOL_KNOBS if scheme else ():
             choose(key)
         return canonical(Config.from_dict(picked))
+
+    def without_weight_groups(self, groups) -> SearchSpace:
+        """This space with the int4/awq4 group sizes in `groups` left out, unless they are all
+        it offers: a space that names only those asks for them."""
+        offered = self.choices.get("weight_group_size", ())
+        kept = tuple(g for g in offered if g not in groups)
+        if not kept or kept == offered:
+            return self
+        return replace(self, choices={**self.choices, "weight_group_size": kept})
 
     def grid(self) -> list[Config]:
         """Every distinct Config in the space (what `--sampler grid` evaluates)."""

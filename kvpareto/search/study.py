@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,7 @@ class Search:
             load_if_exists=True,
         )
         self.loaded = None
+        self.left_out_groups: list[int] = []  # weight groups that would rebuild the source grid
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def finished(self) -> int:
@@ -234,8 +236,25 @@ class Search:
         if limit and self.s.context_length + 32 > limit:
             length = self.s.context_length
             raise UserError(f"--context-length {length} does not fit {self.s.model} (max {limit})")
+        self._leave_out_source_grid()
+
+    def _leave_out_source_grid(self) -> None:
+        """On weights stored on a 4-bit grid upstream, an int4 group equal to the source block
+        rebuilds that grid, and its accuracy cost is not a 16->4-bit cost: leave it out. Every
+        worker decides the same from the same weights, so they share one space."""
+        from kvpareto.quant.source_grid import aligned_groups
+
+        if not {"int4", "awq4"} & set(self.space.choices.get("weights", ())):
+            return
+        offered = self.space.choices.get("weight_group_size", ())
+        narrowed = self.space.without_weight_groups(aligned_groups(self.loaded.model, offered))
+        self.left_out_groups = [
+            g for g in offered if g not in narrowed.choices["weight_group_size"]
+        ]
+        self.space = narrowed
 
     def objective(self, trial):
+        from kvpareto.quant.source_grid import reproduces_source_grid
         from kvpareto.trial import run_trial
 
         fixed = trial.user_attrs.get("fixed_config")
@@ -247,6 +266,9 @@ class Search:
         key = eval_key(config, self.loaded.model_hash, self.s)
         record = self.cache.get(key)
         trial.set_user_attr("cached", record is not None)
+        trial.set_user_attr(
+            "reproduces_source_grid", reproduces_source_grid(self.loaded.model, config)
+        )
         if record is None:
             try:
                 record = run_trial(
@@ -334,9 +356,18 @@ def run_search(settings: SearchSettings, command: list[str], progress=None) -> d
     settings.validate()
     space = load_space(settings.space_path)
     search = Search(settings, space)
+    search.load_model()  # first: the grid sampler enqueues the space the weights leave
     remaining = search.prepare()
-    search.load_model()
-    facts = study_facts(settings, space, command)
+    source = search.loaded.source_precision
+    if search.left_out_groups:
+        groups = ", ".join(str(g) for g in search.left_out_groups)
+        print(
+            f"note: {settings.model}: {source.description}; weight_group_size {groups} "
+            "reproduces the source grid and is left out of the space (make it the only choice "
+            "to study it)",
+            file=sys.stderr,
+        )
+    facts = study_facts(settings, space, command, source)
     total = search.finished() + remaining
 
     def report(label):
