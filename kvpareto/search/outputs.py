@@ -86,7 +86,7 @@ def frontier_summary(rows: list[dict]) -> dict:
     baseline = next((r for r in done if is_baseline(r)), None)
     base_mem = baseline["total_bytes"] if baseline else max((p.memory for p in points), default=1)
     front = pareto_front(points)
-    knee_point = knee(front, base_mem)
+    knee_point = knee(front)
     same = indistinguishable(front)
     entries = []
     for p in front:
