@@ -535,7 +535,7 @@ def _print_result(r: dict) -> None:
     out.print(
         f"[bold]{r['model']}[/bold]  {r['label']}  (prompt {r['longest_prompt_tokens']} tokens)"
     )
-    acc = Table(title="accuracy (Wilson 95% CI)")
+    acc = Table(title="accuracy (95% CI)")
     for col in ("task", "accuracy", "95% CI", "n"):
         acc.add_column(col)
     for name, t in r["tasks"].items():

@@ -1,8 +1,13 @@
-"""Accuracy as a fraction with a Wilson score interval (honest at small n and near 0 or 1)."""
+"""Accuracy as a mean with a 95% interval: Wilson's for right/wrong outcomes (honest at small n
+and near 0 or 1), a seeded percentile bootstrap for scores that can be partly right."""
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -14,3 +19,25 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap(
+    scores: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """The percentile bootstrap 95% interval of the mean of `scores`; (0, 1) when empty."""
+    if not scores:
+        return 0.0, 1.0
+    values = np.asarray(scores, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def mean_interval(scores: list[float]) -> tuple[float, float]:
+    """The 95% interval of the mean score: Wilson when every score is 0 or 1, else bootstrap.
+    Wilson models successes out of n trials; a score of 0.5 is not half a success of a coin
+    flip, and feeding fractions to it gives an interval for a quantity that was not measured."""
+    if all(s in (0, 1) for s in scores):
+        return wilson(int(sum(scores)), len(scores))
+    return bootstrap(scores)

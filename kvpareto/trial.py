@@ -1,8 +1,9 @@
 """One trial: a Config run on one model over tasks and context lengths, with honest metrics.
 
 This is the unit that `kvpareto eval` prints and that a search repeats. Accuracy is the mean over
-all samples with a Wilson interval; memory is measured (and modeled) on the longest prompt,
-which is what a deployment must hold; timing is prefill tokens/s and decode ms/token.
+all samples with a 95% interval (`stats.mean_interval`); memory is measured (and modeled) on the
+longest prompt, which is what a deployment must hold; timing is prefill tokens/s and decode
+ms/token.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kvpareto.memory_model import modeled_activation_peak
 from kvpareto.models import LoadedModel
 from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.weights import quantized_model
-from kvpareto.stats import wilson
+from kvpareto.stats import mean_interval
 from kvpareto.tasks import get_task
 from kvpareto.tasks.perplexity import BLOCK, SOURCE, TEXT_VERSION, held_out_ids
 
@@ -114,14 +115,14 @@ def run_trial(
         "tasks": {
             name: {
                 "accuracy": sum(oks) / len(oks),
-                "accuracy_ci": list(wilson(sum(oks), len(oks))),
+                "accuracy_ci": list(mean_interval(oks)),
                 "n": len(oks),
                 "task_hash": get_task(name).task_hash(context_lengths, samples, seed),
             }
             for name, oks in per_task.items()
         },
         "accuracy": acc,
-        "accuracy_ci": list(wilson(sum(hits), len(hits))),
+        "accuracy_ci": list(mean_interval(hits)),
         "n": len(hits),
         "mean_bits": cached_bits / cached_tokens if cached_tokens else None,
         "context_lengths": context_lengths,
