@@ -28,7 +28,7 @@ from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.weights import quantized_model
 from kvpareto.stats import mean_interval
 from kvpareto.tasks import get_task
-from kvpareto.tasks.perplexity import BLOCK, SOURCE, TEXT_VERSION, held_out_ids
+from kvpareto.tasks.perplexity import BLOCK, held_out_ids, source
 
 
 def run_trial(
@@ -155,14 +155,14 @@ def _perplexity(
     """Perplexity of the held-out text's second half through the cache (`tasks.perplexity`),
     and its change from the 16-bit baseline (unquantized weights and cache), computed once."""
     ids = torch.tensor([held_out_ids(loaded.tokenizer, n_tokens, seed)])
-    key = (baseline.model_hash, TEXT_VERSION, n_tokens, seed)
+    key = (baseline.model_hash, source(), n_tokens, seed)
     if key not in _BASELINE_PERPLEXITY:
         _BASELINE_PERPLEXITY[key] = _ppl(baseline.model, ids, Config())
     value, base = _ppl(loaded.model, ids, config), _BASELINE_PERPLEXITY[key]
     return {
         "value": value,
         "tokens": n_tokens - n_tokens // 2,
-        "text": SOURCE,
+        "text": source(),
         "baseline": base,
         "delta_vs_baseline": value - base,
     }

@@ -15,7 +15,7 @@ from kvpareto.config import Config
 from kvpareto.engine import score_tokens
 from kvpareto.errors import UserError
 from kvpareto.search.study import SearchSettings, eval_key
-from kvpareto.tasks import get_task
+from kvpareto.tasks import get_task, perplexity
 from kvpareto.tasks.perplexity import BLOCK, held_out_ids
 
 pytestmark = pytest.mark.slow
@@ -153,3 +153,16 @@ def test_perplexity_enters_the_trial_cache_key():
         "smollm2-135m", "space.yaml", ["niah"], 1024, trials=1, perplexity=True
     )
     assert eval_key(Config(), "m", settings) != eval_key(Config(), "m", with_ppl)
+
+
+def test_the_python_version_enters_the_perplexity_text_and_the_trial_cache_key(monkeypatch):
+    import platform
+
+    settings = SearchSettings(
+        "smollm2-135m", "space.yaml", ["niah"], 1024, trials=1, perplexity=True
+    )
+    here = eval_key(Config(), "m", settings)
+    assert platform.python_version() in perplexity.source()
+    monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
+    assert "3.99.0" in perplexity.source()
+    assert eval_key(Config(), "m", settings) != here
