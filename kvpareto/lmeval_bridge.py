@@ -7,9 +7,9 @@ replaced, so that every request goes through our quantized KV cache and engine:
   decode, our stop rules;
 - loglikelihood (and loglikelihood_rolling, which is built on it) runs `engine.score_tokens`:
   the context is prefilled into a fresh cache, chunked as configured, and the continuation is
-  fed as one more chunk, so each of its tokens is scored from the context as the cache holds it
-  (quantized) even when prefill is unchunked. lm-eval's HFLM scores with one cache-less forward
-  pass instead, which no KV setting could ever touch.
+  fed as decoding would feed it (`engine.scoring_block`), so each of its tokens is scored from
+  what precedes it as the cache holds it (quantized) even when prefill is unchunked. lm-eval's
+  HFLM scores with one cache-less forward pass instead, which no KV setting could ever touch.
 Requests run one at a time (batch size 1): a padded batch is not what the cache models.
 
 `evaluate_task` runs one task by name for `--tasks lm-eval:NAME`, offline, and returns a score

@@ -28,7 +28,7 @@ from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.weights import quantized_model
 from kvpareto.stats import mean_interval
 from kvpareto.tasks import get_task
-from kvpareto.tasks.perplexity import BLOCK, held_out_ids, source
+from kvpareto.tasks.perplexity import held_out_ids, source
 
 
 def run_trial(
@@ -169,7 +169,7 @@ def _perplexity(
 
 
 def _ppl(model, ids: torch.Tensor, config: Config) -> float:
-    logprobs, _ = score_tokens(model, ids, config, start=ids.shape[1] // 2, block=BLOCK)
+    logprobs, _ = score_tokens(model, ids, config, start=ids.shape[1] // 2)
     return math.exp(-logprobs.mean().item())
 
 

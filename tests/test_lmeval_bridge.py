@@ -16,7 +16,7 @@ from kvpareto.engine import score_tokens
 from kvpareto.errors import UserError
 from kvpareto.search.study import SearchSettings, eval_key
 from kvpareto.tasks import get_task, perplexity
-from kvpareto.tasks.perplexity import BLOCK, held_out_ids
+from kvpareto.tasks.perplexity import held_out_ids
 
 pytestmark = pytest.mark.slow
 lm_eval = pytest.importorskip("lm_eval")
@@ -138,7 +138,7 @@ def test_perplexity_at_16_bits_equals_a_plain_forward_and_2_bits_raise_it(smollm
     plain = math.exp(-logits.log_softmax(-1).gather(-1, ids[0, 256:, None]).mean().item())
 
     def ppl(config):
-        logprobs, _ = score_tokens(smollm2.model, ids, config, start=256, block=BLOCK)
+        logprobs, _ = score_tokens(smollm2.model, ids, config, start=256)
         assert len(logprobs) == 256
         return math.exp(-logprobs.mean().item())
 

@@ -110,9 +110,10 @@ def eval_key(config: Config, model_hash: str, s: SearchSettings) -> str:
     tasks = [get_task(t).task_hash(s.task_lengths, s.samples, s.seed) for t in s.tasks]
     identity = [config.key(), model_hash, tasks, s.context_length, s.dtype]
     if s.perplexity:  # only when asked, so caches written before it existed stay valid
+        from kvpareto.engine import SCORING_VERSION
         from kvpareto.tasks.perplexity import source
 
-        identity.append(f"perplexity of {source()}")
+        identity.append(f"perplexity of {source()}, scoring v{SCORING_VERSION}")
     if config.kv_scheme == "adaptive":  # the controller file's contents, not just its name
         from kvpareto.quant.controller import controller_hash
 

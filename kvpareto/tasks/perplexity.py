@@ -10,8 +10,9 @@ the text has the requested number of the model's tokens. The text differs betwee
 releases, so `source()`, which names it in results and cache keys, carries the Python version.
 
 How it is scored (`trial`): the first half of the text is the prompt, prefilled as the config
-says (chunked, pruned); the second half is scored teacher-forced in blocks of `BLOCK` tokens,
-each reading everything before it from the cache as stored (quantized), as generated text would.
+says (chunked, pruned); the second half is scored teacher-forced (`engine.score_tokens`), token
+by token or in blocks no longer than the residual window, so that each token reads what came
+before it from the cache as stored (quantized), as generated text would.
 Scoring the whole text as one prompt would hide KV quantization whenever prefill is unchunked.
 It is a metric of its own, reported next to accuracy and never folded into it.
 """
@@ -23,7 +24,6 @@ import platform
 from kvpareto.errors import UserError
 
 TEXT_VERSION = 1
-BLOCK = 128
 
 
 def source() -> str:
