@@ -559,7 +559,8 @@ def _print_result(r: dict) -> None:
         + ", decode "
         + (f"{decode:.1f} ms/token" if decode else "n/a")
         + f" ({r['threads']} threads, {r['dtype']})"
-        + (f"; mean KV bits {r['mean_bits']:.2f}" if r.get("mean_bits") is not None else "")
+        + (f"; nominal KV bits {r['mean_bits']:.2f}" if r.get("mean_bits") is not None else "")
+        + (f", effective {r['effective_kv_bits']:.2f}" if r.get("effective_kv_bits") else "")
     )
     if "perplexity" in r:
         ppl = r["perplexity"]

@@ -53,8 +53,10 @@ def trial_rows(study) -> list[dict]:
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "prefill_tokens_per_s": (a.get("timing") or {}).get("prefill_tokens_per_s"),
             "decode_ms_per_token": (a.get("timing") or {}).get("decode_ms_per_token"),
-            # Realized mean KV bits (token-weighted; the point of kv_scheme adaptive/rule).
+            # Realized mean KV code bits (token-weighted; the point of kv_scheme adaptive/rule).
             "mean_bits": a.get("mean_bits"),
+            # What a cached value costs: KV bytes x 8 / values stored, scales and tail included.
+            "effective_kv_bits": a.get("effective_kv_bits"),
             # Held-out perplexity, when the study measures it: a metric beside accuracy.
             "perplexity": (a.get("perplexity") or {}).get("value"),
             "delta_perplexity": (a.get("perplexity") or {}).get("delta_vs_baseline"),

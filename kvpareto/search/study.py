@@ -268,8 +268,9 @@ class Search:
             self.cache.put(key, record)
         for name in ("accuracy", "accuracy_ci", "memory", "timing", "tasks", "samples"):
             trial.set_user_attr(name, record[name])
-        if "perplexity" in record:
-            trial.set_user_attr("perplexity", record["perplexity"])
+        for name in ("perplexity", "mean_bits", "effective_kv_bits"):
+            if name in record:  # records cached before a figure existed lack it
+                trial.set_user_attr(name, record[name])
         memory_mb = record["memory"]["total_bytes"] / 1e6
         budget = self.s.budget_mb
         trial.set_constraint("memory_budget_mb", memory_mb - budget if budget else -1.0)
