@@ -556,7 +556,7 @@ def _print_result(r: dict) -> None:
     out.print(f"source precision: {r['source_precision']['description']}", markup=False)
     if r["weights"]["reproduces_source_grid"]:
         out.print(f"{r['label']} {GRID_NOTE}", markup=False)
-    acc = Table(title="accuracy (Wilson 95% CI)")
+    acc = Table(title="accuracy (95% CI)")
     for col in ("task", "accuracy", "95% CI", "n"):
         acc.add_column(col)
     for name, t in r["tasks"].items():
@@ -580,7 +580,8 @@ def _print_result(r: dict) -> None:
         + ", decode "
         + (f"{decode:.1f} ms/token" if decode else "n/a")
         + f" ({r['threads']} threads, {r['dtype']})"
-        + (f"; mean KV bits {r['mean_bits']:.2f}" if r.get("mean_bits") is not None else "")
+        + (f"; nominal KV bits {r['mean_bits']:.2f}" if r.get("mean_bits") is not None else "")
+        + (f", effective {r['effective_kv_bits']:.2f}" if r.get("effective_kv_bits") else "")
     )
     if "perplexity" in r:
         ppl = r["perplexity"]

@@ -17,12 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpareto.config import Config
+from kvpareto.config import Config, LayerBits
 from kvpareto.hf_compat import with_cache
 from kvpareto.prefill_reuse import STORE, record_prefill, replay_prefill, reusable
 from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.kv_cache import QuantizedKVCache
 from kvpareto.quant.pruning import observe_queries
+
+# Bumped when teacher-forced scoring changes what it returns; it enters the cache keys of what
+# is scored that way (perplexity, lm-eval loglikelihoods). 2: blocks of at most the residual
+# window.
+SCORING_VERSION = 2
 
 
 class NonFiniteLogits(RuntimeError):
@@ -88,18 +93,37 @@ def prefill_or_replay(
     return replay_prefill(record, cache), record.forward_s
 
 
+def scoring_block(config: Config, n_layers: int) -> int:
+    """The most tokens one teacher-forced forward may take (0: any number), so that scored tokens
+    read earlier tokens as the cache holds them, as generated tokens would.
+
+    A block attends to itself in full precision. A lossless cache (16 bits everywhere) holds
+    everything in full precision anyway. Otherwise blocks are of at most max(R, 1) tokens, R the
+    residual length: with R = 0 every token is quantized on write, and scoring is token by token,
+    exactly as decoding. With R > 0 the token at offset j of a block reads the j oldest tokens of
+    the cache's full-precision tail at full precision where decoding would have flushed them to
+    quantized tiles by then; blocks of R keep that to fewer than R tokens, all just outside the
+    window that decoding reads in full precision.
+    """
+    if config.kv_scheme != "static":
+        lossless = config.target_mean_bits == 16
+    else:
+        lossless = all(config.bits_for_layer(i) == LayerBits(16, 16) for i in range(n_layers))
+    return 0 if lossless else max(config.residual_length, 1)
+
+
 @torch.inference_mode()
 def score_tokens(
-    model, input_ids: torch.Tensor, config: Config, start: int, block: int = 0
+    model, input_ids: torch.Tensor, config: Config, start: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced scoring of input_ids[0, start:] (start >= 1) under `config`.
 
     input_ids[:start] is the prompt: `prefill` runs it into a fresh cache, chunked (and pruned)
     as the config says, and its last logits score token `start`. The rest is then fed like
-    decoding, but with the given tokens and `block` tokens at a time (0: all at once): each
-    block attends to itself in full precision and to everything before it as the cache holds it.
-    So a scored token always reads the prompt quantized, even with unchunked prefill, as a
-    generated answer would. Each block's logits are reduced at once.
+    decoding, but with the given tokens, `scoring_block` tokens at a time, each block reading
+    everything before it as the cache holds it. So a scored token always reads the prompt
+    quantized, even with unchunked prefill, as a generated answer would. Each block's logits are
+    reduced at once.
     Returns (log-probability of each scored token, whether it was the greedy choice).
     """
     dtype = next(model.parameters()).dtype
@@ -117,7 +141,7 @@ def score_tokens(
 
     take(prefill(model, input_ids[:, :start], cache, config.chunk_size), start)
     rest = input_ids[:, start:-1]  # the last token predicts nothing that is scored
-    step = block or max(rest.shape[1], 1)
+    step = scoring_block(config, len(cache.layers)) or max(rest.shape[1], 1)
     for begin in range(0, rest.shape[1], step):
         out = model(rest[:, begin : begin + step], **with_cache(cache), use_cache=True)
         take(out.logits[0], start + begin + 1)

@@ -7,9 +7,9 @@ replaced, so that every request goes through our quantized KV cache and engine:
   decode, our stop rules;
 - loglikelihood (and loglikelihood_rolling, which is built on it) runs `engine.score_tokens`:
   the context is prefilled into a fresh cache, chunked as configured, and the continuation is
-  fed as one more chunk, so each of its tokens is scored from the context as the cache holds it
-  (quantized) even when prefill is unchunked. lm-eval's HFLM scores with one cache-less forward
-  pass instead, which no KV setting could ever touch.
+  fed as decoding would feed it (`engine.scoring_block`), so each of its tokens is scored from
+  what precedes it as the cache holds it (quantized) even when prefill is unchunked. lm-eval's
+  HFLM scores with one cache-less forward pass instead, which no KV setting could ever touch.
 Requests run one at a time (batch size 1): a padded batch is not what the cache models.
 
 `evaluate_task` runs one task by name for `--tasks lm-eval:NAME`, offline, and returns a score
@@ -181,16 +181,38 @@ def evaluate_task(
     allows 128 tokens for a 7-digit answer, which costs seconds per document on a CPU).
     """
     from lm_eval.evaluator import evaluate
+
+    tasks = load_task(name, tokenizer_folder(loaded), context_length, seed)
+    task = tasks["tasks"][name]
+    if max_gen_toks and task.get_config("output_type") == "generate_until":
+        task.set_config("generation_kwargs", {"max_gen_toks": max_gen_toks}, update=True)
+    with _quiet():
+        lm = KVParetoLM(loaded=loaded, config=config)
+        results = evaluate(lm, tasks, limit=limit, bootstrap_iters=0, verbosity="ERROR")
+    return [_score(name, doc, context_length) for doc in results["samples"][name]]
+
+
+def load_task(name: str, tokenizer: str, context_length: int, seed: int) -> dict:
+    """lm-eval's task dict for `name`, its documents fixed by `seed`.
+
+    Generators such as RULER's draw from Python's global `random`, which lm-eval seeds only in
+    `simple_evaluate`; the bridge calls `evaluate` directly, so it seeds here, before the
+    documents are built, every source `simple_evaluate` seeds (Python, numpy, torch, and the
+    task's fewshot sampler). Without it each process would score other documents under the
+    same task hash, and the trial cache would mix them.
+    """
+    import random
+
+    import numpy as np
     from lm_eval.tasks import TaskManager
 
     folder = _task_folder(name)
-    metadata = {
-        "tokenizer": tokenizer_folder(loaded),
-        "max_seq_lengths": [context_length],
-        "seed": seed,
-    }
+    metadata = {"tokenizer": tokenizer, "max_seq_lengths": [context_length], "seed": seed}
     paths = sorted({str(folder), str(LOCAL_TASKS)})
     manager = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     try:
         with _quiet():
             tasks = manager.load([name])
@@ -200,14 +222,8 @@ def evaluate_task(
             f"lm-eval task {name!r} could not be built offline ({type(e).__name__}: {reason}); "
             "tasks that download data from a hub cannot run here"
         ) from None
-    task = tasks["tasks"][name]
-    task.set_fewshot_seed(seed=seed)
-    if max_gen_toks and task.get_config("output_type") == "generate_until":
-        task.set_config("generation_kwargs", {"max_gen_toks": max_gen_toks}, update=True)
-    with _quiet():
-        lm = KVParetoLM(loaded=loaded, config=config)
-        results = evaluate(lm, tasks, limit=limit, bootstrap_iters=0, verbosity="ERROR")
-    return [_score(name, doc, context_length) for doc in results["samples"][name]]
+    tasks["tasks"][name].set_fewshot_seed(seed=seed)
+    return tasks
 
 
 def _score(name: str, doc: dict, context_length: int) -> float:

@@ -132,7 +132,7 @@ def frontier_figure(st: Study) -> go.Figure:
         + (f", {failed} failed" if failed else "")
         + ")",
         xaxis_title=f"total memory at {st.facts.get('context_length')} tokens (MB, measured)",
-        yaxis_title="accuracy (Wilson 95% CI)",
+        yaxis_title="accuracy (95% CI)",
         yaxis_range=[-0.05, 1.05],
         template="plotly_white",
         height=480,
@@ -446,9 +446,8 @@ def build_report(folders: list[Path]) -> str:
         f"<script>{get_plotlyjs()}</script><script>{_SCRIPT}</script></head><body>"
         f"<h1>{html.escape(title)}</h1>"
         "<p>Memory is measured (bytes held, allocator peak) at the declared context length; "
-        "modeled figures are shown beside it. Accuracy carries a Wilson 95% interval.</p>"
-        + "".join(sections)
-        + "</body></html>"
+        "modeled figures are shown beside it. Accuracy carries a 95% interval (Wilson; "
+        "bootstrap for partial scores).</p>" + "".join(sections) + "</body></html>"
     )
 
 

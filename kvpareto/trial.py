@@ -1,8 +1,9 @@
 """One trial: a Config run on one model over tasks and context lengths, with honest metrics.
 
 This is the unit that `kvpareto eval` prints and that a search repeats. Accuracy is the mean over
-all samples with a Wilson interval; memory is measured (and modeled) on the longest prompt,
-which is what a deployment must hold; timing is prefill tokens/s and decode ms/token.
+all samples with a 95% interval (`stats.mean_interval`); memory is measured (and modeled) on the
+longest prompt, which is what a deployment must hold; timing is prefill tokens/s and decode
+ms/token.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from kvpareto.memory_model import modeled_activation_peak
 from kvpareto.models import LoadedModel
 from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.weights import quantized_model
-from kvpareto.stats import wilson
+from kvpareto.stats import mean_interval
 from kvpareto.tasks import get_task
-from kvpareto.tasks.perplexity import BLOCK, SOURCE, TEXT_VERSION, held_out_ids
+from kvpareto.tasks.perplexity import held_out_ids, source
 
 
 def run_trial(
@@ -102,7 +103,7 @@ def run_trial(
         gen = torch.Generator().manual_seed(memory_length)
         vocab = model.get_input_embeddings().num_embeddings
         memory_prompt = torch.randint(3, vocab, (memory_length,), generator=gen).tolist()
-    memory, modeled = _memory(loaded, config, memory_prompt)
+    memory, modeled, effective_bits = _memory(loaded, config, memory_prompt)
     hits = [ok for oks in per_task.values() for ok in oks]
     acc = sum(hits) / len(hits)
     result = {
@@ -114,16 +115,19 @@ def run_trial(
         "tasks": {
             name: {
                 "accuracy": sum(oks) / len(oks),
-                "accuracy_ci": list(wilson(sum(oks), len(oks))),
+                "accuracy_ci": list(mean_interval(oks)),
                 "n": len(oks),
                 "task_hash": get_task(name).task_hash(context_lengths, samples, seed),
             }
             for name, oks in per_task.items()
         },
         "accuracy": acc,
-        "accuracy_ci": list(wilson(sum(hits), len(hits))),
+        "accuracy_ci": list(mean_interval(hits)),
         "n": len(hits),
+        # Code bits only (k+v)/2, or the realized widths of adaptive/rule; kept under its old name.
         "mean_bits": cached_bits / cached_tokens if cached_tokens else None,
+        "nominal_kv_bits": cached_bits / cached_tokens if cached_tokens else None,
+        "effective_kv_bits": effective_bits,
         "context_lengths": context_lengths,
         "samples": outcomes,
         "longest_prompt_tokens": len(longest or memory_prompt),
@@ -155,21 +159,21 @@ def _perplexity(
     """Perplexity of the held-out text's second half through the cache (`tasks.perplexity`),
     and its change from the 16-bit baseline (unquantized weights and cache), computed once."""
     ids = torch.tensor([held_out_ids(loaded.tokenizer, n_tokens, seed)])
-    key = (baseline.model_hash, TEXT_VERSION, n_tokens, seed)
+    key = (baseline.model_hash, source(), n_tokens, seed)
     if key not in _BASELINE_PERPLEXITY:
         _BASELINE_PERPLEXITY[key] = _ppl(baseline.model, ids, Config())
     value, base = _ppl(loaded.model, ids, config), _BASELINE_PERPLEXITY[key]
     return {
         "value": value,
         "tokens": n_tokens - n_tokens // 2,
-        "text": SOURCE,
+        "text": source(),
         "baseline": base,
         "delta_vs_baseline": value - base,
     }
 
 
 def _ppl(model, ids: torch.Tensor, config: Config) -> float:
-    logprobs, _ = score_tokens(model, ids, config, start=ids.shape[1] // 2, block=BLOCK)
+    logprobs, _ = score_tokens(model, ids, config, start=ids.shape[1] // 2)
     return math.exp(-logprobs.mean().item())
 
 
@@ -185,7 +189,11 @@ def _reference(loaded: LoadedModel, task, sample) -> str:
 
 def _memory(
     loaded: LoadedModel, config: Config, prompt: list[int]
-) -> tuple[MemoryParts, MemoryParts]:
+) -> tuple[MemoryParts, MemoryParts, float]:
+    """Measured and modeled memory for `prompt`, and the effective bits per cached value there:
+    the bytes the cache holds at the prompt's end (scales, zeros and full-precision tail
+    included; modeled, which the tests hold equal to measured to the byte) x 8 over the K and V
+    values it stores."""
     model = loaded.model
     ids = torch.tensor([prompt])
     activation, kv = measure_prefill(model, ids, config)
@@ -197,7 +205,8 @@ def _memory(
         cache.modeled_peak_nbytes(),
         modeled_activation_peak(model.config, config, len(prompt), dtype),
     )
-    return measured, modeled
+    effective = 8 * cache.modeled_nbytes(len(prompt)) / cache.stored_values(len(prompt))
+    return measured, modeled, effective
 
 
 def _weights_summary(loaded: LoadedModel, config: Config, baseline: LoadedModel) -> dict:

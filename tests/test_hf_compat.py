@@ -29,7 +29,7 @@ def test_every_scheme_generates_without_a_deprecation_warning(tiny_models, schem
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
         out = generate(loaded.model, loaded.tokenizer, ids, SCHEMES[scheme], max_new_tokens=4)
-        score_tokens(loaded.model, ids, SCHEMES[scheme], start=64, block=8)
+        score_tokens(loaded.model, ids, SCHEMES[scheme], start=64)
     assert len(out.new_tokens) >= 1
     assert out.cache.get_seq_length() >= 96
 

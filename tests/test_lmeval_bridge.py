@@ -15,8 +15,8 @@ from kvpareto.config import Config
 from kvpareto.engine import score_tokens
 from kvpareto.errors import UserError
 from kvpareto.search.study import SearchSettings, eval_key
-from kvpareto.tasks import get_task
-from kvpareto.tasks.perplexity import BLOCK, held_out_ids
+from kvpareto.tasks import get_task, perplexity
+from kvpareto.tasks.perplexity import held_out_ids
 
 pytestmark = pytest.mark.slow
 lm_eval = pytest.importorskip("lm_eval")
@@ -138,7 +138,7 @@ def test_perplexity_at_16_bits_equals_a_plain_forward_and_2_bits_raise_it(smollm
     plain = math.exp(-logits.log_softmax(-1).gather(-1, ids[0, 256:, None]).mean().item())
 
     def ppl(config):
-        logprobs, _ = score_tokens(smollm2.model, ids, config, start=256, block=BLOCK)
+        logprobs, _ = score_tokens(smollm2.model, ids, config, start=256)
         assert len(logprobs) == 256
         return math.exp(-logprobs.mean().item())
 
@@ -153,3 +153,16 @@ def test_perplexity_enters_the_trial_cache_key():
         "smollm2-135m", "space.yaml", ["niah"], 1024, trials=1, perplexity=True
     )
     assert eval_key(Config(), "m", settings) != eval_key(Config(), "m", with_ppl)
+
+
+def test_the_python_version_enters_the_perplexity_text_and_the_trial_cache_key(monkeypatch):
+    import platform
+
+    settings = SearchSettings(
+        "smollm2-135m", "space.yaml", ["niah"], 1024, trials=1, perplexity=True
+    )
+    here = eval_key(Config(), "m", settings)
+    assert platform.python_version() in perplexity.source()
+    monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
+    assert "3.99.0" in perplexity.source()
+    assert eval_key(Config(), "m", settings) != here

@@ -77,7 +77,7 @@ def test_smoke_search_writes_outputs_and_a_true_frontier(tmp_path):
         for e in frontier["frontier"]
     )
     assert frontier["hypervolume"] > 0
-    assert sum(e["knee"] for e in frontier["frontier"]) == 1
+    assert sum(e["knee"] for e in frontier["frontier"]) <= 1  # a straight front has none
     facts = json.loads((folder / "study.json").read_text())
     assert facts["seed"] == 0 and facts["space"]["hash"] and facts["versions"]["torch"]
     # Memory parts: measured and modeled agree on KV to the byte in every trial.

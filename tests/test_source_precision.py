@@ -114,7 +114,7 @@ def test_a_model_snapped_to_a_q4_1_grid_is_flagged_at_group_32_but_not_64(tiny_q
     assert max(distinct) <= 16
     assert measured_block(model) == 32
     # Not 0: the int4pack kernel layout holds scales and zeros in bf16 (8 significant bits), so
-    # the rebuilt grid is off by bf16 rounding; measured 0.013 here, against 0.078 for a float model.
+    # the rebuilt grid is off by bf16 rounding; measured 0.013 here, 0.078 for a float model.
     assert _relative_error(model, 4, 32) < 0.02
     assert _relative_error(model, 4, 64) > 0.05
     assert reproduces_source_grid(model, Config(weights="int4", weight_group_size=32))

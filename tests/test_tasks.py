@@ -14,6 +14,8 @@ from kvpareto.models.tiny import byte_tokenizer
 from kvpareto.tasks import Sample, get_task, niah
 from kvpareto.tasks.prose import prose_words
 from kvpareto.tasks.qa import token_f1
+from kvpareto.tasks.ruler import ListSample
+from kvpareto.tasks.text import VOCAB
 from kvpareto.trial import run_trial
 
 # Every NIAH variant with every needle kind and haystack, by full name (defaults spelled out).
@@ -61,8 +63,25 @@ def test_scorers_reject_wrong_answers():
         and not qa.score(town, "x\nTamlow")
     )
     cwe = get_task("cwe")
-    five = Sample([], "apple bridge candle dragon eagle")
+    five = ListSample([], "apple bridge candle dragon eagle", listed=tuple(VOCAB))
     assert cwe.score(five, "apple, bridge, candle, dragon, eagle") and not cwe.score(five, "apple")
+    assert cwe.score(five, "The words: eagle, apple, dragon, candle, bridge, and then forest")
+    assert not cwe.score(five, "apple, bridge, forest, candle, dragon, eagle")
+
+
+@pytest.mark.parametrize("name", ["cwe", "fwe"])
+def test_word_tasks_are_not_passed_by_echoing_the_list(name):
+    task = get_task(name)
+    tok = byte_tokenizer()
+    samples = task.samples(tok, 1024, 40, seed=0)
+    cuts = {"first 20": slice(None, 20), "last 20": slice(-20, None), "whole list": slice(None)}
+    for cut in cuts.values():
+        echoed = [
+            task.score(s, " ".join(re.findall(r"\d+\. (\w+)", tok.decode(s.input_ids))[cut]))
+            for s in samples
+        ]
+        assert sum(echoed) / len(echoed) <= 0.1
+    assert all(task.score(s, ", ".join(reversed(s.answer.split()))) for s in samples)
 
 
 def test_multi_needle_scorers_want_every_value_as_a_whole_value():

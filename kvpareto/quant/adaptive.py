@@ -339,8 +339,12 @@ class AdaptiveKVCache(Cache):
             raise ValueError("the modeled peak needs the prompt length: pass prompt_length")
         return self.modeled_nbytes(self.prompt_length, batch)
 
+    def stored_values(self, total: int, batch: int = 1) -> int:
+        """The K and V values held after `total` tokens: every token, in every layer."""
+        return batch * 2 * total * len(self.layers) * self.kv_heads * self.head_dim
+
     def mean_bits(self) -> float:
-        """Realized mean width over every token written, in every layer."""
+        """Realized mean code width over every token written, in every layer (no scales)."""
         tokens = sum(layer.total for layer in self.layers)
         return sum(layer.code_bits() for layer in self.layers) / tokens if tokens else 0.0
 

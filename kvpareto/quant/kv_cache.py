@@ -401,8 +401,20 @@ class QuantizedKVCache(Cache):
             for spec in (layer.k_spec, layer.v_spec)
         )
 
+    def stored_values(self, total: int, batch: int = 1) -> int:
+        """The K and V values held after `total` tokens, quantized or in the tail: each layer's
+        stored tokens (after pruning and its window) x KV heads x head_dim, for K and for V."""
+        tokens = 0
+        for layer in self.layers:
+            stored = self._stored(layer, total)
+            for spec in (layer.k_spec, layer.v_spec):
+                q_start, n_q, n_tail = spec.layout(stored)
+                tokens += n_q - q_start + n_tail
+        return batch * tokens * self.kv_heads * self.head_dim
+
     def mean_bits(self) -> float:
-        """Nominal code bits per cached K/V value, averaged over layers (per-layer bits count)."""
+        """Nominal code bits per cached K/V value, averaged over layers (per-layer bits count):
+        no scales, zeros or full-precision tail (`stored_values` gives what the bytes buy)."""
         bits = [(layer.k_spec.bits + layer.v_spec.bits) / 2 for layer in self.layers]
         return sum(bits) / len(bits)
 

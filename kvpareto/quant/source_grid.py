@@ -4,10 +4,11 @@ A model dequantized from Q4_1 holds at most 16 distinct values in each 32-weight
 input (`source_block` finds that block). Min-max int4 at group 32 then finds each block's own
 minimum, maximum and step and rebuilds the source values, up to the bf16 rounding of the kernel
 layout's scales and zeros: relative weight error 0.013 on SmolLM2, against about 0.08 for float
-weights, so its accuracy cost is not a 16->4-bit cost. Other groups do not rebuild it: a group of 64 spans two blocks with two grids
-(0.08-0.09), and a group of 16 re-fits the range of half a block, whose levels then fall between
-the source's (0.055, against 0.065 for float weights). Nor does int8 per channel, although a
-SmolLM2 row holds at most 256 distinct values: they lie on 18 grids, not on one.
+weights, so its accuracy cost is not a 16->4-bit cost. Other groups do not rebuild it: a group
+of 64 spans two blocks with two grids (0.08-0.09), and a group of 16 re-fits the range of half a
+block, whose levels then fall between the source's (0.055, against 0.065 for float weights). Nor
+does int8 per channel, although a SmolLM2 row holds at most 256 distinct values: they lie on 18
+grids, not on one.
 
 So a config reproduces the source grid when its own round trip leaves almost no error: less than
 a tenth of the step**2/12 per weight that rounding leaves on weights off its grid. Both are

@@ -6,8 +6,7 @@ Pure functions over plain points, so they are easy to check by hand:
 - `hypervolume`: the area dominated by the front, in normalized units: memory as a fraction of
   the baseline's total memory, accuracy as a fraction. The reference point is (1.1, 0.0): 10%
   more memory than the baseline, zero accuracy. Points past the reference add nothing;
-- `knee`: the front point farthest from the straight line joining the front's two ends (in the
-  same normalized units): where giving up more memory stops buying much accuracy;
+- `knee`: where giving up more memory stops buying much accuracy (defined at `knee`);
 - `indistinguishable`: front points whose accuracy interval overlaps that of a cheaper front
   point, so the data cannot tell them apart from the cheaper one.
 """
@@ -61,24 +60,30 @@ def hypervolume(front: list[Point], baseline_memory: float, reference=REFERENCE)
     return area
 
 
-def knee(front: list[Point], baseline_memory: float) -> Point | None:
+def knee(front: list[Point]) -> Point | None:
+    """The front point farthest above the chord joining the front's two ends, on axes scaled
+    min-max over the front (memory and accuracy each from 0 at the front's lowest to 1 at its
+    highest), so that neither unit (bytes, fraction) nor the front's extent weighs on the pick.
+
+    On those axes the chord runs from (0, 0) to (1, 1), and a point's distance above it is
+    proportional to accuracy minus memory. A knee is a bend: with no point strictly above the
+    chord (one point, two points, or collinear ones) the trade-off is a straight line, every
+    point of it as good a buy as the next, and there is no knee (None).
+    """
     if not front:
         return None
-    if len(front) <= 2:
-        return front[-1]
-    (x0, y0), (x1, y1) = (
-        (front[0].memory / baseline_memory, front[0].accuracy),
-        (front[-1].memory / baseline_memory, front[-1].accuracy),
-    )
-    dx, dy = x1 - x0, y1 - y0
-    norm = (dx * dx + dy * dy) ** 0.5 or 1.0
+    memories, accuracies = [p.memory for p in front], [p.accuracy for p in front]
 
-    def distance(p: Point) -> float:
-        x, y = p.memory / baseline_memory, p.accuracy
-        # Points above the chord (more accurate than the straight trade-off) count positive.
-        return (dx * (y - y0) - dy * (x - x0)) / norm
+    def scaled(value: float, values: list[float]) -> float:
+        low, high = min(values), max(values)
+        return (value - low) / (high - low) if high > low else 0.0
 
-    return max(front, key=distance)
+    def above(p: Point) -> float:
+        return scaled(p.accuracy, accuracies) - scaled(p.memory, memories)
+
+    best = max(front, key=above)
+    # Collinear points sit on the chord up to rounding.
+    return best if above(best) > 1e-9 else None
 
 
 def indistinguishable(front: list[Point]) -> set[str]:

@@ -58,8 +58,10 @@ def trial_rows(study) -> list[dict]:
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "prefill_tokens_per_s": (a.get("timing") or {}).get("prefill_tokens_per_s"),
             "decode_ms_per_token": (a.get("timing") or {}).get("decode_ms_per_token"),
-            # Realized mean KV bits (token-weighted; the point of kv_scheme adaptive/rule).
+            # Realized mean KV code bits (token-weighted; the point of kv_scheme adaptive/rule).
             "mean_bits": a.get("mean_bits"),
+            # What a cached value costs: KV bytes x 8 / values stored, scales and tail included.
+            "effective_kv_bits": a.get("effective_kv_bits"),
             # Held-out perplexity, when the study measures it: a metric beside accuracy.
             "perplexity": (a.get("perplexity") or {}).get("value"),
             "delta_perplexity": (a.get("perplexity") or {}).get("delta_vs_baseline"),
@@ -91,7 +93,7 @@ def frontier_summary(rows: list[dict]) -> dict:
     baseline = next((r for r in done if is_baseline(r)), None)
     base_mem = baseline["total_bytes"] if baseline else max((p.memory for p in points), default=1)
     front = pareto_front(points)
-    knee_point = knee(front, base_mem)
+    knee_point = knee(front)
     same = indistinguishable(front)
     entries = []
     for p in front:

@@ -111,7 +111,10 @@ def eval_key(config: Config, model_hash: str, s: SearchSettings) -> str:
     tasks = [get_task(t).task_hash(s.task_lengths, s.samples, s.seed) for t in s.tasks]
     identity = [config.key(), model_hash, tasks, s.context_length, s.dtype]
     if s.perplexity:  # only when asked, so caches written before it existed stay valid
-        identity.append("perplexity")
+        from kvpareto.engine import SCORING_VERSION
+        from kvpareto.tasks.perplexity import source
+
+        identity.append(f"perplexity of {source()}, scoring v{SCORING_VERSION}")
     if config.kv_scheme == "adaptive":  # the controller file's contents, not just its name
         from kvpareto.quant.controller import controller_hash
 
@@ -287,8 +290,9 @@ class Search:
             self.cache.put(key, record)
         for name in ("accuracy", "accuracy_ci", "memory", "timing", "tasks", "samples"):
             trial.set_user_attr(name, record[name])
-        if "perplexity" in record:
-            trial.set_user_attr("perplexity", record["perplexity"])
+        for name in ("perplexity", "mean_bits", "effective_kv_bits"):
+            if name in record:  # records cached before a figure existed lack it
+                trial.set_user_attr(name, record[name])
         memory_mb = record["memory"]["total_bytes"] / 1e6
         budget = self.s.budget_mb
         trial.set_constraint("memory_budget_mb", memory_mb - budget if budget else -1.0)

@@ -5,8 +5,9 @@ for the trial runner: it runs itself through `kvpareto.lmeval_bridge.evaluate_ta
 request goes through our cache and engine, and hands back a score per document. `samples` per
 length is lm-eval's `limit` (the task's first n documents). The lengths reach the tasks that
 size their own prompts (RULER's, kvpareto's own `kvpareto_niah_mc`) as `max_seq_lengths`; other
-tasks ignore them. The task hash covers the lm-eval version, and for the tasks shipped here the
-task files themselves, so a change to either invalidates cached trials.
+tasks ignore them. The task hash covers the lm-eval version, how loglikelihoods are scored
+(`engine.SCORING_VERSION`), and for the tasks shipped here the task files themselves, so a
+change to any of them invalidates cached trials.
 """
 
 from __future__ import annotations
@@ -44,7 +45,17 @@ class LMEvalTask(Task):
     def task_hash(self, context_lengths: list[int], n: int, seed: int) -> str:
         local = sorted(LOCAL_TASKS.glob(f"{self.task}.*"))
         files = [hashlib.sha256(f.read_bytes()).hexdigest() for f in local]
+        from kvpareto.engine import SCORING_VERSION
+
         blob = json.dumps(
-            [self.name, self.lm_eval_version, files, sorted(context_lengths), n, seed]
+            [
+                self.name,
+                self.lm_eval_version,
+                files,
+                sorted(context_lengths),
+                n,
+                seed,
+                SCORING_VERSION,
+            ]
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
