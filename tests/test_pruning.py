@@ -16,7 +16,7 @@ from kvpareto.errors import UserError
 from kvpareto.hf_compat import with_cache
 from kvpareto.memory import measure_prefill
 from kvpareto.models.tiny import build_tiny
-from kvpareto.quant.kv_cache import QuantizedKVCache
+from kvpareto.quant.kv_cache import BLOCK_TOKENS, QuantizedKVCache
 from kvpareto.quant.pruning import (
     ChunkView,
     KeyNorm,
@@ -125,25 +125,35 @@ def test_half_rate_holds_half_the_prompt_and_measured_bytes_equal_modeled(tiny_m
                 stored = stream.tail.shape[-2] + stream.n_q - stream.q_start
                 assert stored == kept and stream.total == length
             if chunk == 0:
-                # Half the tokens, half the bytes, to one token per head and stream; the slack
-                # is a residual window or an unfilled tile, which stays in full precision.
+                # Half the tokens, half the bytes, to one token per head and stream, plus the
+                # slack: a residual window or an unfilled tile, which stays in full precision,
+                # and the unfilled rows of each store's last block (BLOCK_TOKENS tokens for the
+                # tail, whole tiles for the packed store), which either cache may hold.
                 for ours, theirs in ((layer.k, whole.k), (layer.v, whole.v)):
                     heads = ours.tail.shape[1]
-                    slack = ours.spec.residual_length + ours.spec.tile.tokens
+                    tt = ours.spec.tile.tokens
+                    slack = ours.spec.residual_length + tt
+                    slack += BLOCK_TOKENS + ours.spec.block_tiles * tt
                     if ours.spec.smooth:
                         slack += 1  # the per-channel mean is held once, not per token
                     gap = abs(ours.nbytes() - theirs.nbytes() / 2)
                     assert gap <= heads * slack * (_stream_token_bytes(theirs) + 64 * 2), gap
-                    if ours.spec.tile.tokens == 1 and not ours.spec.residual_length:
-                        assert gap <= heads * _stream_token_bytes(theirs) + 64, gap
+                    if tt == 1 and not ours.spec.residual_length:
+                        # One store (the tail at 16 bits, else the packed tiles, the tail being
+                        # empty), growing by BLOCK_TOKENS whole tokens.
+                        per_token = _stream_token_bytes(theirs)
+                        assert gap <= heads * (1 + BLOCK_TOKENS) * per_token + 64, gap
         assert pruned.nbytes() == pruned.modeled_nbytes(length)
         assert pruned.peak_nbytes == pruned.modeled_peak_nbytes()
         assert full.peak_nbytes == full.modeled_peak_nbytes()
         # The peak shrinks with the kept tokens wherever no full-precision tail (a residual
         # window, an unfilled token tile) or unpruned sliding layer dominates at this length.
+        # Each store holds room for whole blocks of BLOCK_TOKENS: at most BLOCK_TOKENS - 1 rows
+        # more than the kept tokens, and never fewer than the full cache's tokens.
         per_token = cfg.k_granularity == cfg.v_granularity == "per-token"
         if per_token and not cfg.residual_length and name == "tiny-llama":
-            assert pruned.peak_nbytes <= (kept + 1) / length * full.peak_nbytes
+            bound = (kept + 1 + BLOCK_TOKENS) / length
+            assert pruned.peak_nbytes <= bound * full.peak_nbytes
         # Decode tokens are stored, never pruned, and the model follows them token by token.
         for step in range(3):
             model(_ids(1, seed=step), **with_cache(pruned))

@@ -11,7 +11,7 @@ Semantics (ARCHITECTURE.md, "Quantize on write, faithfully"):
   token-tiles, once more than `residual_length` (R) tokens wait. Token-tiled schemes (per-channel,
   per-block: g tokens; per-tensor: 128) therefore keep up to R + tile - 1 tokens in full
   precision; per-channel statistics are gathered over exactly those g tokens. Nothing already
-  quantized is ever touched again.
+  quantized is ever quantized again.
 - The state after T tokens depends on T alone, not on chunking: `StreamSpec.modeled_bytes(T)`
   gives the bytes held in closed form, and the tests check it against the tensors to the byte.
 - Sliding-window layers (Gemma3 local layers) drop whole tiles once they fall out of the window.
@@ -26,6 +26,16 @@ Storage: packed uint8 codes, fp16 scale and zero per tile, the tail in the compu
 stream stores the compute dtype when it is 16-bit, else fp16. Each step dequantizes the history
 of one layer straight into the K/V tensor attention reads; that temporary is activation memory,
 not KV memory. (Keeping a dequantized copy between steps would be faster, and a lie about bytes.)
+
+Growth: every store (the packed tiles, the tail) is a `RowRing`, rows preallocated in blocks, so
+an append writes only its new rows, in place, and tokens leave the front (into tiles, or out of a
+sliding window) by moving a start index; a step never concatenates the history. A store of n
+units (token tiles of the packed store, tokens of the tail) holds room for exactly ceil(n / b) * b
+of them, b = ceil(BLOCK_TOKENS / tile tokens) tiles or BLOCK_TOKENS tokens: the slack depends on
+n alone, `StreamSpec.modeled_bytes` counts it, and measured bytes are those of the whole buffers.
+A store is reallocated (what it holds copied once) only when n crosses a multiple of b: once per
+16 tokens of a growing history, and at most once per step for a store that a residual window or a
+sliding window bounds. So a 16-bit cache holds DynamicCache's values, not its bytes.
 """
 
 from __future__ import annotations
@@ -40,10 +50,101 @@ from kvpareto.quant.pruning import ChunkView, TokenPruner, make_scorer
 from kvpareto.quant.tiles import Quantized, TileShape, dequantize, hadamard, quantize, tile_shape
 
 _F16 = 2  # bytes of an fp16 scale, zero point or smoothing mean
+# Stores grow by this many tokens: vLLM's default page size. Slack of at most 15 tokens per store
+# costs little beside a long context, and a growing history is copied once per 16 tokens, a
+# sixteenth of what the per-step dequantization of the history already reads.
+BLOCK_TOKENS = 16
 
 
 def storage_dtype_16(compute: torch.dtype) -> torch.dtype:
     return compute if compute in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def capacity(n: int, block: int) -> int:
+    """Units a store of n units has room for: whole blocks."""
+    return -(-n // block) * block
+
+
+class RowRing:
+    """Rows along dim -2 of tensors that fill and empty together, in a ring of whole blocks.
+
+    One unit is `per[i]` rows of tensor i (a token tile: `tile.tokens` rows of codes, one row of
+    scale and of zero). The buffers always have room for exactly `capacity(n, block)` units;
+    `update` drops units from the front by moving `start`, writes new units in place after the
+    last, and reallocates (copying the n units held, in order) only when the capacity changes.
+    `tensors()` are the buffers themselves, so their bytes include the slack.
+    """
+
+    def __init__(self, like: list[torch.Tensor], per: list[int], block: int):
+        self.per, self.block = per, block
+        self.bufs = [x.new_empty(*x.shape[:-2], 0, x.shape[-1]) for x in like]
+        self.start = self.n = 0
+
+    @property
+    def cap(self) -> int:
+        return self.bufs[0].shape[-2] // self.per[0]
+
+    def update(self, drop: int, new: list[torch.Tensor]) -> None:
+        """Drop the first `drop` units, then append the rows of `new` (one tensor per buffer)."""
+        m = new[0].shape[-2] // self.per[0]
+        self.start, self.n = self._slot(drop), self.n - drop
+        if capacity(self.n + m, self.block) != self.cap:
+            self._reallocate(capacity(self.n + m, self.block))
+        at = self._slot(self.n)
+        split = min(m, self.cap - at)
+        self._write(at, new, 0, split)
+        self._write(0, new, split, m)
+        self.n += m
+
+    def runs(self, lo: int = 0, hi: int | None = None) -> list[tuple[int, list[torch.Tensor]]]:
+        """Filled units [lo, hi) in order, as (offset from lo, one view per buffer): one run, or
+        two where the ring wraps."""
+        hi = self.n if hi is None else hi
+        first = self._slot(lo)
+        split = min(hi - lo, self.cap - first)
+        pieces = ((0, first, first + split), (split, 0, hi - lo - split))
+        return [
+            (
+                offset,
+                [buf[..., a * p : b * p, :] for buf, p in zip(self.bufs, self.per, strict=True)],
+            )
+            for offset, a, b in pieces
+            if b > a
+        ]
+
+    def filled(self, i: int) -> torch.Tensor:
+        """The filled rows of buffer i in order: a view unless the ring wraps."""
+        runs = self.runs()
+        if len(runs) == 1:
+            return runs[0][1][i]
+        if not runs:
+            return self.bufs[i][..., :0, :]
+        return torch.cat([views[i] for _, views in runs], dim=-2)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.bufs)
+
+    def _slot(self, unit: int) -> int:
+        """Where the filled unit `unit` sits in the buffers."""
+        return (self.start + unit) % self.cap if self.cap else 0
+
+    def _write(self, at: int, new: list[torch.Tensor], lo: int, hi: int) -> None:
+        """Units [lo, hi) of `new` into the buffers from unit `at` on."""
+        if hi <= lo:
+            return
+        for buf, x, p in zip(self.bufs, new, self.per, strict=True):
+            buf[..., at * p : (at + hi - lo) * p, :] = x[..., lo * p : hi * p, :]
+
+    def _reallocate(self, units: int) -> None:
+        runs = self.runs()
+        bufs = [
+            b.new_empty(*b.shape[:-2], units * p, b.shape[-1])
+            for b, p in zip(self.bufs, self.per, strict=True)
+        ]
+        for at, views in runs:
+            for buf, view, p in zip(bufs, views, self.per, strict=True):
+                buf[..., at * p : at * p + view.shape[-2], :] = view
+        self.bufs, self.start = bufs, 0
 
 
 @dataclass(frozen=True)
@@ -73,14 +174,21 @@ class StreamSpec:
         q_start = min(keep_from // tt * tt, n_q)
         return q_start, n_q, total - n_q
 
+    @property
+    def block_tiles(self) -> int:
+        """The packed store's growth block, in token tiles: BLOCK_TOKENS rounded up to tiles."""
+        return capacity(BLOCK_TOKENS, self.tile.tokens) // self.tile.tokens
+
     def modeled_bytes(self, total: int, batch: int, heads: int, head_dim: int) -> int:
+        """Bytes held after `total` tokens: each store's whole blocks, filled or not."""
         q_start, n_q, n_tail = self.layout(total)
-        stored_q = n_q - q_start
-        per_head = n_tail * head_dim * self.fp_bytes
+        per_head = capacity(n_tail, BLOCK_TOKENS) * head_dim * self.fp_bytes
         if self.quantized:
-            tiles = (stored_q // self.tile.tokens) * (head_dim // self.tile.channels)
-            per_head += stored_q * head_dim * self.bits // 8
-            per_head += tiles * _F16 * (1 if self.symmetric else 2)
+            tiles = capacity((n_q - q_start) // self.tile.tokens, self.block_tiles)
+            per_head += tiles * self.tile.tokens * head_dim * self.bits // 8
+            per_head += (
+                tiles * (head_dim // self.tile.channels) * _F16 * (1 if self.symmetric else 2)
+            )
             if self.smooth and total > 0:
                 per_head += head_dim * _F16
         return batch * heads * per_head
@@ -122,8 +230,8 @@ class KVStream:
         # Indices into the sequence of kept tokens (every token written, when nothing is pruned):
         self.q_start = 0  # the first stored quantized token
         self.n_q = 0  # one past the last quantized token
-        self.packed: Quantized | None = None
-        self.tail: torch.Tensor | None = None
+        self._packed: RowRing | None = None  # units: token tiles, from q_start to n_q
+        self._tail: RowRing | None = None  # units: tokens, from n_q to the last kept
         self.mean: torch.Tensor | None = None  # fp16 per-channel mean, fixed at first write
         self._rot: torch.Tensor | None = None
 
@@ -132,39 +240,58 @@ class KVStream:
         """Tokens kept: the length of the stored sequence that the layout rules apply to."""
         return self.total - self.pruned
 
+    @property
+    def tail(self) -> torch.Tensor | None:
+        """The full-precision tail in order (a copy only where its ring wraps)."""
+        return None if self._tail is None else self._tail.filled(0)
+
+    @property
+    def packed(self) -> Quantized | None:
+        """The stored quantized tiles in order (a copy only where their ring wraps)."""
+        if self._packed is None:
+            return None
+        return _quantized([self._packed.filled(i) for i in range(len(self._packed.bufs))])
+
     # --- the entry points ----------------------------------------------------------------------
     def update(self, new: torch.Tensor) -> torch.Tensor:
         """Return what attention sees, [stored history | new], then store `new`."""
-        if self.tail is None:
+        if self._tail is None:
             self._start(new)
         if not self.spec.quantized and self.spec.window is None and self.tail_dtype == self.dtype:
-            # Exactly DynamicCache: one concatenation, and the stored tail is what attention sees.
-            self.tail = torch.cat([self.tail, new], dim=-2)
+            # DynamicCache's values, appended in place; attention reads a view of the stored tail.
+            # Not DynamicCache's bytes: the tail holds whole blocks of BLOCK_TOKENS rows.
+            self._tail.update(0, [new])
             self.total += new.shape[-2]
-            return self.tail
+            return self._tail.filled(0)
         visible = self._visible(new)
         self.append(new)
         return visible
 
     def read(self, new: torch.Tensor) -> torch.Tensor:
         """What attention sees, [stored history | new], without storing `new` (see `append`)."""
-        if self.tail is None:
+        if self._tail is None:
             self._start(new)
         return self._visible(new)
 
     def append(self, new: torch.Tensor, written: int | None = None) -> None:
         """Store `new`: all of the `written` tokens just read, or the rows of them kept."""
         written = new.shape[-2] if written is None else written
-        self.tail = torch.cat([self.tail, new.to(self.tail_dtype)], dim=-2)
+        first = self.kept - self._tail.n  # the tail's first token, before this write
         self.total += written
         self.pruned += written - new.shape[-2]
-        self._flush()
-        self._evict()
+        new = new.to(self.tail_dtype)
+        if self.spec.quantized:
+            self._write_quantized(new)
+            return
+        # A 16-bit stream keeps only what a sliding window can still see.
+        drop = max(self._keep_from() - first, 0)
+        skip = max(drop - self._tail.n, 0)
+        self._tail.update(drop - skip, [new[..., skip:, :]])
 
     def tensors(self) -> list[torch.Tensor]:
-        held = [] if self.packed is None else self.packed.tensors()
-        held += [t for t in (self.tail, self.mean) if t is not None]
-        return held
+        held = [] if self._packed is None else self._packed.tensors()
+        held += [] if self._tail is None else self._tail.tensors()
+        return held + ([] if self.mean is None else [self.mean])
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
@@ -173,30 +300,38 @@ class KVStream:
     def _visible(self, new: torch.Tensor) -> torch.Tensor:
         """Build [history | new] in one preallocated tensor: the history is dequantized straight
         into it, so decode pays one pass over the packed store and no concatenation of it."""
-        n_q, n_tail = self.n_q - self.q_start, self.tail.shape[-2]
+        n_q, n_tail = self.n_q - self.q_start, self._tail.n
         history = n_q + n_tail
         keep = history if self.spec.window is None else min(history, self.spec.window - 1)
         *lead, n_new, d = new.shape
         out = torch.empty(*lead, keep + n_new, d, dtype=self.dtype, device=new.device)
         if keep == history:
-            if n_q:
-                self._decode_into(out[..., :n_q, :])
-            out[..., n_q:history, :] = self.tail
+            self._history_into(out[..., :history, :], n_q)
         else:  # a sliding window cuts into the history: decode it all, keep the newest part
             full = torch.empty(*lead, history, d, dtype=self.dtype, device=new.device)
-            if n_q:
-                self._decode_into(full[..., :n_q, :])
-            full[..., n_q:, :] = self.tail
+            self._history_into(full, n_q)
             out[..., :keep, :] = full[..., history - keep :, :]
         out[..., keep:, :] = new
         return out
 
+    def _history_into(self, out: torch.Tensor, n_q: int) -> None:
+        if n_q:
+            self._decode_into(out[..., :n_q, :])
+        for at, (rows,) in self._tail.runs():
+            out[..., n_q + at : n_q + at + rows.shape[-2], :] = rows
+
     def _decode_into(self, out: torch.Tensor) -> None:
         bits, tile = self.spec.bits, self.spec.tile
-        if self._rot is None and self.mean is None:
-            dequantize(self.packed, bits, tile, self.dtype, out=out)
+        # Dequantizing is elementwise, so a wrapped ring is decoded run by run; the rotation is
+        # one matmul over the whole history, as its rounding may depend on the rows it is given.
+        x = out
+        if self._rot is not None or self.mean is not None:
+            x = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        for at, held in self._packed.runs():
+            rows = slice(at * tile.tokens, at * tile.tokens + held[0].shape[-2])
+            dequantize(_quantized(held), bits, tile, x.dtype, out=x[..., rows, :])
+        if x is out:
             return
-        x = dequantize(self.packed, bits, tile, torch.float32)
         if self._rot is not None:
             x = x @ self._rot.T
         if self.mean is not None:
@@ -205,54 +340,47 @@ class KVStream:
 
     # --- writing --------------------------------------------------------------------------------
     def _start(self, new: torch.Tensor) -> None:
-        self.tail = new[..., :0, :].to(self.tail_dtype)
+        self._tail = RowRing([new.to(self.tail_dtype)], [1], BLOCK_TOKENS)
         if self.spec.smooth:
             self.mean = new.float().mean(dim=-2, keepdim=True).to(torch.float16)
         if self.spec.rotate:
             self._rot = hadamard(new.shape[-1])
 
-    def _flush(self) -> None:
-        spec = self.spec
-        if not spec.quantized:
-            return
-        target = max(self.kept - spec.residual_length, 0) // spec.tile.tokens * spec.tile.tokens
-        k = target - self.n_q
-        if k <= 0:
-            return
-        leaving, self.tail = self.tail[..., :k, :], self.tail[..., k:, :].clone()
-        block = self._encode(leaving)
-        if self.packed is None:
-            self.packed = block
-        else:
-            p = self.packed
-            self.packed = Quantized(
-                torch.cat([p.codes, block.codes], dim=-2),
-                torch.cat([p.scale, block.scale], dim=-2),
-                None if p.zero is None else torch.cat([p.zero, block.zero], dim=-2),
-            )
-        self.n_q = target
-
-    def _evict(self) -> None:
-        """Drop what a sliding-window layer can never attend to again, in whole tiles."""
+    def _keep_from(self) -> int:
+        """The first kept token that a sliding window can still attend to (0 without one)."""
         if self.spec.window is None:
-            return
-        keep_from = max(self.kept - (self.spec.window - 1), 0)
-        if not self.spec.quantized:
-            drop = keep_from - (self.kept - self.tail.shape[-2])
-            if drop > 0:
-                self.tail = self.tail[..., drop:, :].clone()
-            return
-        tt = self.spec.tile.tokens
-        new_start = min(keep_from // tt * tt, self.n_q)
-        drop = new_start - self.q_start
-        if drop > 0:
-            p, rows = self.packed, drop // tt
-            self.packed = Quantized(
-                p.codes[..., drop:, :].clone(),
-                p.scale[..., rows:, :].clone(),
-                None if p.zero is None else p.zero[..., rows:, :].clone(),
+            return 0
+        return max(self.kept - (self.spec.window - 1), 0)
+
+    def _write_quantized(self, new: torch.Tensor) -> None:
+        """Tokens leave the tail oldest first, in whole tiles, once more than R wait; a sliding
+        window then drops whole tiles that it can never attend to again."""
+        spec, tt = self.spec, self.spec.tile.tokens
+        target = max(self.kept - spec.residual_length, 0) // tt * tt
+        k = target - self.n_q  # tokens leaving: the old tail's first, then the new ones
+        from_tail = min(k, self._tail.n)
+        tiles: list[torch.Tensor] = []
+        if k > 0:
+            # Encoded before the tail moves on: the new tokens may land in the rows leaving it.
+            leaving = [rows for _, (rows,) in self._tail.runs(0, from_tail)]
+            tiles = self._encode(torch.cat([*leaving, new[..., : k - from_tail, :]], dim=-2))
+            tiles = tiles.tensors()
+        self._tail.update(from_tail, [new[..., k - from_tail :, :]])
+        if tiles and self._packed is None:
+            per = [tt] + [1] * (len(tiles) - 1)  # codes have a row per token, the rest per tile
+            self._packed = RowRing(tiles, per, spec.block_tiles)
+        new_start = min(self._keep_from() // tt * tt, target)
+        if self._packed is not None:
+            # Tiles that the window has already passed were encoded with the rest (one batch, as
+            # ever) but are not stored.
+            skip = max(new_start - self.n_q, 0) // tt
+            drop = (min(new_start, self.n_q) - self.q_start) // tt
+            tiles = tiles or [buf[..., :0, :] for buf in self._packed.bufs]
+            per = self._packed.per
+            self._packed.update(
+                drop, [t[..., skip * p :, :] for t, p in zip(tiles, per, strict=True)]
             )
-            self.q_start = new_start
+        self.n_q, self.q_start = target, max(new_start, self.q_start)
 
     # --- codec ------------------------------------------------------------------------------------
     def _encode(self, x: torch.Tensor) -> Quantized:
@@ -262,6 +390,11 @@ class KVStream:
         if self._rot is not None:
             x = x @ self._rot
         return quantize(x, self.spec.bits, self.spec.tile, self.spec.symmetric)
+
+
+def _quantized(held: list[torch.Tensor]) -> Quantized:
+    """A packed ring's buffers (or views of them) as codes, scale and zero."""
+    return Quantized(held[0], held[1], held[2] if len(held) > 2 else None)
 
 
 class QuantizedKVLayer(CacheLayerMixin):

@@ -154,12 +154,24 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
         return packed
     mask = 2**bits - 1
     words = packed
-    if packed.shape[-1] % 4 == 0 and packed.is_contiguous():
+    if _int32_viewable(packed):
         # Shift and mask four bytes per int32 op: one scalar op per field, 4x fewer elements.
         words, mask = packed.view(torch.int32), int.from_bytes(bytes([mask]) * 4, "little")
     fields = [words & mask] + [(words >> (bits * i)) & mask for i in range(1, per)]
     fields = [f.view(torch.uint8) for f in fields]
     return torch.stack(fields, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def _int32_viewable(packed: torch.Tensor) -> bool:
+    """Whether rows of bytes can be read four at a time: true of a contiguous tensor, and of a
+    view of the filled rows of a larger buffer (the KV caches' stores) when the row is."""
+    strides = packed.stride()
+    return (
+        packed.shape[-1] % 4 == 0
+        and strides[-1] == 1
+        and all(s % 4 == 0 for s in strides[:-1])
+        and packed.storage_offset() % 4 == 0
+    )
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
