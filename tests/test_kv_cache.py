@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from transformers import DynamicCache
 
 from kvpareto.config import Config
 from kvpareto.hf_compat import with_cache
-from kvpareto.quant.kv_cache import QuantizedKVCache
+from kvpareto.quant.kv_cache import KVStream, QuantizedKVCache, StreamSpec
+from kvpareto.quant.tiles import dequantize, quantize, tile_shape
 from tests.conftest import TINY
 
 
@@ -178,3 +180,101 @@ def test_rotation_and_smoothing_reduce_nothing_at_full_precision_residual(tiny_m
     cfg8 = Config(k_bits=8, v_bits=8, k_smooth=True, rotation="hadamard")
     close = _run_chunks(model, ids, QuantizedKVCache(model.config, cfg8, torch.bfloat16), 8)
     assert (close.float() - ref.float()).abs().max() < 0.1
+
+
+# --- storage against a reference that concatenates, and the cost of an append --------------------
+
+
+def _spec(granularity, bits=4, residual=0, window=None, smooth=False, symmetric=False):
+    tile = tile_shape(granularity, 32, 64)
+    return StreamSpec(bits, tile, symmetric, residual, smooth, False, window, 2)
+
+
+def _reference_visible(stream, written, new):
+    """[history | new] recomputed from every token written so far, kept whole and concatenated:
+    the quantized tokens of `layout` encoded in one batch (each tile is coded on its own, so
+    batching does not change codes), then the full-precision tail, cut to a sliding window."""
+    spec, dtype = stream.spec, stream.dtype
+    q_start, n_q, n_tail = spec.layout(written.shape[-2])
+    parts = []
+    if n_q > q_start:
+        x = written[..., q_start:n_q, :].float()
+        if stream.mean is None:
+            q = quantize(x, spec.bits, spec.tile, spec.symmetric)
+            parts.append(dequantize(q, spec.bits, spec.tile, dtype))
+        else:
+            q = quantize(x - stream.mean.float(), spec.bits, spec.tile, spec.symmetric)
+            x = dequantize(q, spec.bits, spec.tile, torch.float32) + stream.mean.float()
+            parts.append(x.to(dtype))
+    parts.append(written[..., written.shape[-2] - n_tail :, :].to(stream.tail_dtype).to(dtype))
+    history = torch.cat(parts, dim=-2)
+    if spec.window is not None:
+        history = history[..., max(history.shape[-2] - (spec.window - 1), 0) :, :]
+    return torch.cat([history, new], dim=-2)
+
+
+_SPECS = [
+    _spec("per-token", bits=16),
+    _spec("per-token", bits=16, window=32),
+    _spec("per-token"),
+    _spec("per-token", bits=2, residual=20, symmetric=True),
+    _spec("per-channel", bits=2, residual=5, smooth=True),
+    _spec("per-block", residual=3),
+    _spec("per-tensor", bits=8),
+    _spec("per-token", window=32, residual=7),
+    _spec("per-channel", window=32),
+    _spec("per-block", bits=2, window=40, residual=9, smooth=True),
+]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    _SPECS,
+    ids=lambda s: f"b{s.bits}-t{s.tile.tokens}x{s.tile.channels}-r{s.residual_length}-w{s.window}",
+)
+@pytest.mark.parametrize("chunks", [[300] + [1] * 40, [37] * 8 + [1] * 40, [5] * 30])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stream_reads_what_a_concatenating_store_would_hold(spec, chunks, dtype):
+    # The tail is held in the compute dtype, or in fp16 by a 16-bit stream computing in fp32.
+    spec = replace(spec, fp_bytes=2 if dtype == torch.bfloat16 or not spec.quantized else 4)
+    stream = KVStream(spec, dtype)
+    generator = torch.Generator().manual_seed(0)
+    written = torch.empty(1, 2, 0, 64, dtype=dtype)
+    for n in chunks:
+        new = torch.randn(1, 2, n, 64, generator=generator).to(dtype)
+        visible = stream.update(new)
+        assert torch.equal(visible, _reference_visible(stream, written, new))
+        written = torch.cat([written, new], dim=-2)
+        assert stream.nbytes() == spec.modeled_bytes(stream.total, 1, 2, 64)
+
+
+@pytest.mark.parametrize(
+    ("spec", "moves"),
+    [
+        # The packed store grows from 100 tokens (room for 112) to 164: it moves at 113, 129,
+        # 145 and 161 tokens, and every other step writes its one token in place.
+        (_spec("per-token"), 4),
+        # A residual window of 20 keeps the tail at 20 tokens (room for 32): the tail never moves.
+        (_spec("per-token", residual=20), 4),
+        # 16 bits: the tail alone grows as the packed store did.
+        (_spec("per-token", bits=16), 4),
+        # A sliding window holds 31 tokens (room for 32) of either store, as a ring: nothing moves.
+        (_spec("per-token", bits=16, window=32), 0),
+        (_spec("per-token", window=32), 0),
+    ],
+    ids=["packed", "packed-and-residual", "16-bit", "16-bit-window", "packed-window"],
+)
+def test_decode_appends_in_place_and_moves_the_history_once_a_block(spec, moves):
+    stream = KVStream(spec, torch.bfloat16)
+    stream.update(torch.randn(1, 2, 100, 64).to(torch.bfloat16))
+    held = [t.data_ptr() for t in stream.tensors()]
+    moved = 0
+    for _ in range(64):
+        visible = stream.update(torch.randn(1, 2, 1, 64).to(torch.bfloat16))
+        now = [t.data_ptr() for t in stream.tensors()]
+        moved += now != held
+        held = now
+    assert moved == moves
+    if spec.window is None and not spec.quantized:
+        # DynamicCache's fast path: attention reads the stored tail itself, not a copy.
+        assert visible.data_ptr() == stream.tensors()[0].data_ptr()
