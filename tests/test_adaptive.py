@@ -16,7 +16,7 @@ from kvpareto.engine import generate
 from kvpareto.errors import UserError
 from kvpareto.hf_compat import with_cache
 from kvpareto.models import load_model
-from kvpareto.quant.adaptive import AdaptiveKVLayer, make_cache, quota
+from kvpareto.quant.adaptive import AdaptiveKVLayer, _Pool, make_cache, quota
 from kvpareto.quant.controller import RuleController, load_controller, water_fill
 from kvpareto.quant.tiles import TileShape, dequantize, quantize
 from kvpareto.quant.token_features import FEATURES, frequency_counts
@@ -141,6 +141,32 @@ def test_pools_hold_packed_integers(tiny_models):
     assert pools[2].k.codes.dtype == torch.uint8 and pools[2].k.codes.shape[-1] == 64 * 2 // 8
     assert pools[8].v.codes.shape[-1] == 64 and pools[8].k.scale.dtype == torch.float16
     assert (pools[2].n, pools[8].n) == (100, 20)  # 120 tokens at a mean of 3: 1/6 at 8 bits
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(2, False), (4, True), (16, False)])
+def test_a_pool_appends_in_place_and_reads_back_every_token(bits, symmetric):
+    # Built directly, without a model: what a pool holds after writes of 37, 5, then 1 x 40
+    # tokens is every token coded on its own (per-token tiles), in order, in whole blocks.
+    tile = TileShape(1, 32)
+    pool = _Pool(bits, tile, symmetric, torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    written, moved, held = [], 0, None
+    for n in [37, 5] + [1] * 40:
+        k, v = (torch.randn(1, 2, n, 64, generator=generator).to(torch.bfloat16) for _ in "kv")
+        pool.append(k, v)
+        written.append((k, v))
+        assert sum(t.nbytes for t in pool.tensors()) == pool.modeled_bytes(pool.n, 2, 64)
+        now = [t.data_ptr() for t in pool.tensors()]
+        moved += held is not None and now != held
+        held = now
+    assert moved == 3  # 42 tokens fill room for 48; the store grows at 49, 65 and 81 tokens
+    k_out, v_out = torch.empty(2, 1, 2, pool.n, 64, dtype=torch.bfloat16)
+    pool.read_into(k_out, v_out)
+    for i, out in enumerate((k_out, v_out)):
+        every = torch.cat([pair[i] for pair in written], dim=-2)
+        if bits < 16:
+            every = dequantize(quantize(every, bits, tile, symmetric), bits, tile, torch.bfloat16)
+        assert torch.equal(out, every)
 
 
 class _ShuffledLayer(DynamicLayer):

@@ -15,7 +15,9 @@ cache: `modeled_nbytes(N)` is exact. A write whose quota is one width (every dec
 instance) skips the features entirely.
 
 Storage. Per layer, one pool per width: packed per-token tiles (1 x g channels, fp16 scale and
-zero, `tiles.quantize`) for 2/4/8 bits, the 16-bit compute dtype (fp16 under fp32) for 16.
+zero, `tiles.quantize`) for 2/4/8 bits, the 16-bit compute dtype (fp16 under fp32) for 16. Each
+pool preallocates rows in blocks of BLOCK_TOKENS tokens and writes appends in place, as the static
+cache's stores do (kv_cache.py, "Growth"); `modeled_nbytes` counts that slack.
 
 Reading. Keys are cached after RoPE, and a chunk sees the whole history (transformers' mask for
 a past of p tokens and a chunk of c is all-visible over the first p columns and causal over the
@@ -42,7 +44,14 @@ from kvpareto.config import Config
 from kvpareto.errors import UserError
 from kvpareto.hf_compat import cache_of
 from kvpareto.quant.controller import WIDTHS, LearnedController, RuleController, load_controller
-from kvpareto.quant.kv_cache import QuantizedKVCache, layer_windows, storage_dtype_16
+from kvpareto.quant.kv_cache import (
+    BLOCK_TOKENS,
+    QuantizedKVCache,
+    RowRing,
+    capacity,
+    layer_windows,
+    storage_dtype_16,
+)
 from kvpareto.quant.tiles import Quantized, TileShape, dequantize, quantize
 from kvpareto.quant.token_features import (
     PROBE_QUERIES,
@@ -74,57 +83,68 @@ def quota(mix: dict[int, float], total: int) -> dict[int, int]:
 
 
 class _Pool:
-    """One layer's tokens at one width: K and V, packed below 16 bits."""
+    """One layer's tokens at one width: K and V, packed below 16 bits, in one `RowRing` that
+    grows in blocks of BLOCK_TOKENS tokens (pools never drop tokens, so it never wraps)."""
 
     def __init__(self, bits: int, tile: TileShape, symmetric: bool, dtype: torch.dtype):
         self.bits, self.tile, self.symmetric, self.dtype = bits, tile, symmetric, dtype
         self.n = 0
-        self.k: Quantized | torch.Tensor | None = None
-        self.v: Quantized | torch.Tensor | None = None
+        self._rows: RowRing | None = None  # K's tensors, then V's
+
+    @property
+    def k(self) -> Quantized | torch.Tensor | None:
+        return self._held()[0]
+
+    @property
+    def v(self) -> Quantized | torch.Tensor | None:
+        return self._held()[1]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.shape[-2] == 0:
             return
-        self.k, self.v = self._join(self.k, k), self._join(self.v, v)
+        parts = self._encode(k) + self._encode(v)
+        if self._rows is None:
+            self._rows = RowRing(parts, [1] * len(parts), BLOCK_TOKENS)
+        self._rows.update(0, parts)
         self.n += k.shape[-2]
 
-    def _join(self, held, x: torch.Tensor):
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.bits == 16:
-            x = x.to(self.dtype)
-            return x if held is None else torch.cat([held, x], dim=-2)
-        block = quantize(x, self.bits, self.tile, self.symmetric)
-        if held is None:
-            return block
-        return Quantized(
-            torch.cat([held.codes, block.codes], dim=-2),
-            torch.cat([held.scale, block.scale], dim=-2),
-            None if held.zero is None else torch.cat([held.zero, block.zero], dim=-2),
+            return [x.to(self.dtype)]
+        return quantize(x, self.bits, self.tile, self.symmetric).tensors()
+
+    def _held(self) -> tuple:
+        """Views of the filled rows, as (K, V)."""
+        if self._rows is None:
+            return None, None
+        ((_, views),) = self._rows.runs()
+        half = len(views) // 2
+        if self.bits == 16:
+            return views[0], views[1]
+        return tuple(
+            Quantized(*part, None) if len(part) == 2 else Quantized(*part)
+            for part in (views[:half], views[half:])
         )
 
     def read_into(self, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
-        for held, out in ((self.k, k_out), (self.v, v_out)):
+        for held, out in zip(self._held(), (k_out, v_out), strict=True):
             if self.bits == 16:
                 out.copy_(held)
             else:
                 dequantize(held, self.bits, self.tile, out.dtype, out=out)
 
     def tensors(self) -> list[torch.Tensor]:
-        held = []
-        for t in (self.k, self.v):
-            if isinstance(t, Quantized):
-                held += t.tensors()
-            elif t is not None:
-                held.append(t)
-        return held
+        return [] if self._rows is None else self._rows.tensors()
 
     def modeled_bytes(self, n: int, heads: int, head_dim: int) -> int:
-        """Bytes of n tokens in this pool, K and V, all KV heads (batch 1)."""
+        """Bytes of n tokens in this pool, K and V, all KV heads (batch 1), with the slack of
+        its last block."""
         if self.bits == 16:
             per_token = head_dim * torch.finfo(self.dtype).bits // 8
         else:
             tiles = head_dim // self.tile.channels
             per_token = head_dim * self.bits // 8 + tiles * _F16 * (1 if self.symmetric else 2)
-        return 2 * heads * n * per_token
+        return 2 * heads * capacity(n, BLOCK_TOKENS) * per_token
 
 
 class _Writes:
