@@ -191,9 +191,9 @@ def _memory(
     loaded: LoadedModel, config: Config, prompt: list[int]
 ) -> tuple[MemoryParts, MemoryParts, float]:
     """Measured and modeled memory for `prompt`, and the effective bits per cached value there:
-    the bytes the cache holds at the prompt's end (scales, zeros and full-precision tail
-    included; modeled, which the tests hold equal to measured to the byte) x 8 over the K and V
-    values it stores."""
+    the bytes the cache holds at the prompt's end (scales, zeros, full-precision tail and the
+    unfilled rows of each store's last block included; modeled, which the tests hold equal to
+    measured to the byte) x 8 over the K and V values it stores."""
     model = loaded.model
     ids = torch.tensor([prompt])
     activation, kv = measure_prefill(model, ids, config)
