@@ -554,7 +554,7 @@ def _print_result(r: dict) -> None:
         + (f"{prefill:.0f} tokens/s" if prefill else "n/a")
         + ", decode "
         + (f"{decode:.1f} ms/token" if decode else "n/a")
-        + f" ({r['threads']} threads, {r['dtype']})"
+        + f" ({r['threads']} threads, compute {r['compute_dtype']}, storage {r['storage_dtype']})"
         + (f"; mean KV bits {r['mean_bits']:.2f}" if r.get("mean_bits") is not None else "")
     )
     if "perplexity" in r:

@@ -66,7 +66,8 @@ class PackedLinear(torch.nn.Module):
         return dequantize(q, self.bits, self.tile, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)  # held in the storage dtype
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def modeled_nbytes(self) -> int:
         """Closed form: codes, one fp16 scale (and zero) per group, the bias."""
