@@ -2,8 +2,8 @@
 
 `auto` picks bfloat16 where bf16 matmuls are native: on CUDA, or on a CPU with the `avx512_bf16`
 or `amx_bf16` flag. Elsewhere bf16 is emulated (an AVX2-only EPYC prefilled 5x slower in bf16 than
-in fp32), so `auto` picks float32. The choice changes speed only: memory figures are of the
-storage dtype (`kvpareto.models.precision`).
+in fp32), so `auto` picks float32. The choice changes speed and the activations' size; weight
+and KV bytes are those of the storage dtype whatever it is (`kvpareto.models.precision`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvpareto.errors import UserError
+
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32", "float16")
 STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -30,6 +33,14 @@ class ComputeDtype:
             "compute_dtype_requested": self.requested,
             "compute_dtype_reason": self.reason,
         }
+
+
+def dtype_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
+    """The dtype name an option's value stands for (bf16, fp32 and fp16 accepted)."""
+    name = DTYPE_ALIASES.get(value, value)
+    if name not in choices:
+        raise UserError(f"{option} must be one of {', '.join(choices)}; got {value!r}")
+    return name
 
 
 def cpu_flags() -> str:

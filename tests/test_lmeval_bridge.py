@@ -153,3 +153,16 @@ def test_perplexity_enters_the_trial_cache_key():
         "smollm2-135m", "space.yaml", ["niah"], 1024, trials=1, perplexity=True
     )
     assert eval_key(Config(), "m", settings) != eval_key(Config(), "m", with_ppl)
+
+
+def test_model_args_choose_compute_and_storage_dtypes():
+    from kvpareto.hardware import resolve_compute_dtype
+    from kvpareto.models.precision import compute_dtype, storage_dtype
+
+    auto = KVParetoLM(model="tiny-llama").loaded.model
+    assert compute_dtype(auto) == getattr(torch, resolve_compute_dtype("auto").name)
+    assert storage_dtype(auto) == torch.bfloat16
+    fp32 = KVParetoLM(model="tiny-llama", dtype="float32").loaded.model
+    assert (compute_dtype(fp32), storage_dtype(fp32)) == (torch.float32, torch.bfloat16)
+    with pytest.raises(UserError, match="storage_dtype"):
+        KVParetoLM(model="tiny-llama", storage_dtype="auto")
