@@ -26,7 +26,8 @@ dtype, `models.precision` casts them as they are used, which adds:
   residual stream (residual, normed input, layer input: 3 h per token). The LM head casts in row
   blocks of at most `CAST_BLOCK` elements, with the last hidden states (c h) and the logits
   (vocab, plus the block being written) beside it.
-Checked against the measured peak in tests/test_memory.py (SmolLM2, 1k and 4k, within 10%).
+Checked against the measured peak in tests/test_memory.py (SmolLM2, 1k and 4k, within 10%) and,
+for fp32 compute over bf16 storage, in tests/test_precision.py.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def modeled_activation_peak(
         attention = c * (3 * h + 2 * heads * d + 2 * kv * d + 2 * d) * e + mask
         if masked or casts:
             attention += 2 * t * kv * d * e
-            if heads > kv:
-                attention += 2 * t * heads * d * e
+        if masked and heads > kv:
+            attention += 2 * t * heads * d * e
         mlp = c * (3 * inter + 4 * h + 2 * d) * e + mask
         peak = max(peak, attention, mlp, _weight_moment(cfg, config, c, e))
         if casts:

@@ -76,7 +76,7 @@ def compute_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """ "bfloat16" for torch.bfloat16: the name the CLI, the JSON and the cache keys use."""
+    """A dtype's name as the CLI, the JSON and the cache keys write it, e.g. bfloat16."""
     return str(dtype).removeprefix("torch.")
 
 
