@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpareto.errors import UserError
+from kvpareto.hardware import COMPUTE_DTYPES, STORAGE_DTYPES, dtype_choice, resolve_compute_dtype
 
 try:  # typer >= 0.26 vendors its own click; older releases use click itself
     from typer._click import exceptions as click_errors
@@ -69,21 +70,31 @@ def _load_config_file(path: Path | None) -> dict:
     return data.get("config", data)
 
 
-_DTYPES = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-}
+_DTYPE_HELP = (
+    "Compute dtype: auto (bfloat16 on CUDA or a CPU with native bf16, else float32), "
+    "bfloat16, float32 or float16. Changes speed and activations, not weight or KV bytes."
+)
+_STORAGE_HELP = (
+    "Dtype the float weights and full-precision KV are held in, which memory figures count: "
+    "bfloat16, float16 or float32."
+)
 
 
-def _dtype_name(flag: str) -> str:
-    """The torch dtype name for a --dtype value (bf16 and friends accepted)."""
-    if flag not in _DTYPES:
-        raise UserError(f"--dtype must be one of bfloat16, float32, float16; got {flag!r}")
-    return _DTYPES[flag]
+def _dtypes(dtype: str, storage_dtype: str):
+    """(resolved compute dtype, storage dtype name) from --dtype and --storage-dtype."""
+    compute = resolve_compute_dtype(dtype_choice(dtype, "--dtype", COMPUTE_DTYPES))
+    return compute, dtype_choice(storage_dtype, "--storage-dtype", STORAGE_DTYPES)
+
+
+def _load(model: str, compute, storage: str):
+    import torch
+
+    from kvpareto.models import load_model
+
+    with err.status(f"loading {model}"):
+        return load_model(
+            model, dtype=getattr(torch, compute.name), storage_dtype=getattr(torch, storage)
+        )
 
 
 @app.command("eval")
@@ -137,7 +148,8 @@ def eval_command(
     ),
     samples: int = typer.Option(5, min=1, help="Samples per task and context length."),
     seed: int = typer.Option(0, help="Seed for the generated task data."),
-    dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16, float32 or float16."),
+    dtype: str = typer.Option("auto", help=_DTYPE_HELP),
+    storage_dtype: str = typer.Option("bfloat16", help=_STORAGE_HELP),
     threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -171,11 +183,11 @@ def eval_command(
     config = Config.from_dict(merged)
     lengths = _csv_ints(context_lengths, "--context-lengths")
     task_names = [t.strip() for t in tasks.split(",") if t.strip()]
+    compute, storage = _dtypes(dtype, storage_dtype)
 
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from kvpareto.models import load_model
     from kvpareto.tasks import get_task
     from kvpareto.trial import run_trial
 
@@ -187,8 +199,7 @@ def eval_command(
         load_controller(config.kv_scheme, config.controller)
     if threads:
         torch.set_num_threads(threads)
-    with err.status(f"loading {model}"):
-        loaded = load_model(model, dtype=getattr(torch, _dtype_name(dtype)))
+    loaded = _load(model, compute, storage)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -208,6 +219,7 @@ def eval_command(
             progress=lambda done, total: bar.update(job, completed=done, total=total),
             perplexity=perplexity,
         )
+    result.update(compute.to_dict())
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -221,7 +233,8 @@ def bench_command(
     steps: int = typer.Option(16, min=1, help="Decode steps per timed run."),
     repeats: int = typer.Option(3, min=1, help="Timed runs per figure (the median is kept)."),
     threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
-    dtype: str = typer.Option("bfloat16", help="Compute dtype."),
+    dtype: str = typer.Option("auto", help=_DTYPE_HELP),
+    storage_dtype: str = typer.Option("bfloat16", help=_STORAGE_HELP),
     parts: str = typer.Option(
         "kv,weights,prune,reuse", help="Which benchmarks: kv, weights, prune, reuse."
     ),
@@ -235,9 +248,9 @@ def bench_command(
     import torch
 
     from kvpareto.bench import prune_bench, reuse_bench, run_bench, weight_bench
-    from kvpareto.models import load_model
 
     lengths = _csv_ints(context_lengths, "--context-lengths")
+    compute, storage = _dtypes(dtype, storage_dtype)
     chosen = {p.strip() for p in parts.split(",") if p.strip()}
     if not chosen or chosen - {"kv", "weights", "prune", "reuse"}:
         raise UserError(
@@ -245,8 +258,7 @@ def bench_command(
         )
     if threads:
         torch.set_num_threads(threads)
-    with err.status(f"loading {model}"):
-        loaded = load_model(model, dtype=getattr(torch, _dtype_name(dtype)))
+    loaded = _load(model, compute, storage)
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
     rows = run_bench(loaded.model, lengths, steps, repeats, log=log) if "kv" in chosen else {}
     if "weights" in chosen:
@@ -255,7 +267,8 @@ def bench_command(
         rows["prune"] = prune_bench(loaded, min(lengths), prune_samples, log=log)
     if "reuse" in chosen:
         rows["reuse"] = reuse_bench(loaded, min(lengths), prune_samples, log=log)
-    rows["model"], rows["threads"], rows["dtype"] = loaded.spec.name, torch.get_num_threads(), dtype
+    rows["model"], rows["threads"] = loaded.spec.name, torch.get_num_threads()
+    rows.update(compute.to_dict(), storage_dtype=storage)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -291,7 +304,10 @@ def bench_command(
         out.print(table)
     if "decode" not in rows:
         return
-    decode = Table(title=f"decode tokens/s, {rows['threads']} threads, {dtype}")
+    decode = Table(
+        title=f"decode tokens/s, {rows['threads']} threads, compute {compute.name} "
+        f"({compute.reason}), storage {storage}"
+    )
     for col in ("context", "KV bits", "ours tok/s", "÷ DynamicCache", "÷ quanto-4"):
         decode.add_column(col)
     for r in rows["decode"]:
@@ -346,7 +362,8 @@ def search_command(
     workers: int = typer.Option(1, help="Local worker processes."),
     out: Path = typer.Option(Path("results"), help="Output folder."),
     objectives: str = typer.Option("memory,accuracy", help="memory,accuracy[,latency]"),
-    dtype: str = typer.Option("bfloat16", help="Compute dtype."),
+    dtype: str = typer.Option("auto", help=_DTYPE_HELP),
+    storage_dtype: str = typer.Option("bfloat16", help=_STORAGE_HELP),
     threads: int | None = typer.Option(None, min=1, help="Torch CPU threads per worker."),
 ) -> None:
     """Search the memory/accuracy frontier of a model over a search space.
@@ -387,7 +404,8 @@ def search_command(
             objectives=[o.strip() for o in objectives.split(",")],
             samples=samples,
             lengths=lengths,
-            dtype=_dtype_name(dtype),
+            dtype=dtype_choice(dtype, "--dtype", COMPUTE_DTYPES),
+            storage_dtype=dtype_choice(storage_dtype, "--storage-dtype", STORAGE_DTYPES),
             threads=threads,
             perplexity=perplexity,
         )
@@ -579,7 +597,7 @@ def _print_result(r: dict) -> None:
         + (f"{prefill:.0f} tokens/s" if prefill else "n/a")
         + ", decode "
         + (f"{decode:.1f} ms/token" if decode else "n/a")
-        + f" ({r['threads']} threads, {r['dtype']})"
+        + f" ({r['threads']} threads, compute {r['compute_dtype']}, storage {r['storage_dtype']})"
         + (f"; nominal KV bits {r['mean_bits']:.2f}" if r.get("mean_bits") is not None else "")
         + (f", effective {r['effective_kv_bits']:.2f}" if r.get("effective_kv_bits") else "")
     )

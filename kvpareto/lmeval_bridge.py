@@ -42,6 +42,12 @@ from tqdm import tqdm  # noqa: E402
 from kvpareto.config import Config  # noqa: E402
 from kvpareto.engine import generate, score_tokens  # noqa: E402
 from kvpareto.errors import UserError  # noqa: E402
+from kvpareto.hardware import (  # noqa: E402
+    COMPUTE_DTYPES,
+    STORAGE_DTYPES,
+    dtype_choice,
+    resolve_compute_dtype,
+)
 from kvpareto.models import DEFAULT_MODEL, LoadedModel, load_model, pull, resolve_ref  # noqa: E402
 from kvpareto.tasks.lmeval import LOCAL_TASKS  # noqa: E402
 
@@ -50,15 +56,16 @@ from kvpareto.tasks.lmeval import LOCAL_TASKS  # noqa: E402
 class KVParetoLM(HFLM):
     """lm-eval's HF model, with generation and scoring through kvpareto's cache and engine.
 
-    From lm-eval's command line: `--model_args model=NAME,dtype=bfloat16,k_bits=4,...`, where
-    every key other than `model` and `dtype` is a Config knob. From Python: pass a
-    `LoadedModel` and a `Config`.
+    From lm-eval's command line: `--model_args model=NAME,dtype=auto,k_bits=4,...`, where every
+    key other than `model`, `dtype` (the compute dtype, `auto` by default) and `storage_dtype`
+    (bfloat16 by default) is a Config knob. From Python: pass a `LoadedModel` and a `Config`.
     """
 
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
+        storage_dtype: str = "bfloat16",
         loaded: LoadedModel | None = None,
         config: Config | None = None,
         batch_size: int | str = 1,
@@ -72,10 +79,14 @@ class KVParetoLM(HFLM):
             from kvpareto.quant.weights import quantized_model
 
             config = config_from_args(knobs)
-            torch_dtype = getattr(torch, dtype, None)
-            if not isinstance(torch_dtype, torch.dtype):
-                raise UserError(f"dtype must be bfloat16, float32 or float16; got {dtype!r}")
-            loaded = quantized_model(load_model(model, dtype=torch_dtype), config)
+            compute = resolve_compute_dtype(dtype_choice(dtype, "dtype", COMPUTE_DTYPES))
+            storage = dtype_choice(storage_dtype, "storage_dtype", STORAGE_DTYPES)
+            base = load_model(
+                model,
+                dtype=getattr(torch, compute.name),
+                storage_dtype=getattr(torch, storage),
+            )
+            loaded = quantized_model(base, config)
         self.loaded = loaded
         self.kvpareto_config = config or Config()
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1)

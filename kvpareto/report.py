@@ -326,6 +326,8 @@ def _facts_html(st: Study) -> str:
         ("sampler", f.get("sampler")),
         ("seed", f.get("seed")),
         ("budget", f"{f['budget_mb']} MB" if f.get("budget_mb") else "none"),
+        ("compute dtype", _compute_dtype(f)),
+        ("storage dtype", f.get("storage_dtype", f.get("dtype"))),
         (
             "hypervolume",
             f"{st.frontier.get('hypervolume', 0):.4f} "
@@ -348,6 +350,13 @@ def _source_html(st: Study) -> str:
     if not text:
         return ""
     return f'<p class="source-precision"><b>source precision:</b> {html.escape(text)}</p>'
+
+
+def _compute_dtype(facts: dict) -> str:
+    """The compute dtype and why; studies from before the storage split name one dtype only."""
+    name = facts.get("compute_dtype", facts.get("dtype"))
+    reason = facts.get("compute_dtype_reason")
+    return f"{name} ({reason})" if reason else str(name)
 
 
 def _frontier_table(st: Study) -> str:

@@ -24,6 +24,7 @@ from kvpareto.memory import (
 )
 from kvpareto.memory_model import modeled_activation_peak
 from kvpareto.models import LoadedModel
+from kvpareto.models.storage_dtype import compute_dtype, dtype_name, storage_dtype
 from kvpareto.quant.adaptive import make_cache
 from kvpareto.quant.weights import quantized_model
 from kvpareto.stats import mean_interval
@@ -140,7 +141,8 @@ def run_trial(
         },
         "weights": _weights_summary(loaded, config, baseline),
         "source_precision": baseline.source_precision.to_dict(),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "compute_dtype": dtype_name(compute_dtype(model)),
+        "storage_dtype": dtype_name(storage_dtype(model)),
         "threads": torch.get_num_threads(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -197,13 +199,13 @@ def _memory(
     model = loaded.model
     ids = torch.tensor([prompt])
     activation, kv = measure_prefill(model, ids, config)
-    dtype = next(model.parameters()).dtype
-    cache = make_cache(model, config, dtype, prompt_length=len(prompt))
+    storage = storage_dtype(model)
+    cache = make_cache(model, config, storage, prompt_length=len(prompt))
     measured = MemoryParts(weights_bytes_measured(model), kv, activation)
     modeled = MemoryParts(
         weights_bytes_modeled(model),
         cache.modeled_peak_nbytes(),
-        modeled_activation_peak(model.config, config, len(prompt), dtype),
+        modeled_activation_peak(model.config, config, len(prompt), compute_dtype(model), storage),
     )
     effective = 8 * cache.modeled_nbytes(len(prompt)) / cache.stored_values(len(prompt))
     return measured, modeled, effective

@@ -50,6 +50,7 @@ CASES = [
     ("bad storage scheme", None, ["--storage", "mongodb://x"], "storage"),
     ("sqlite with workers", None, ["--storage", "sqlite:///x.db", "--workers", "2"], "SQLite"),
     ("bad dtype", None, ["--dtype", "int3"], "dtype"),
+    ("bad storage dtype", None, ["--storage-dtype", "auto"], "storage-dtype"),
     ("unknown flag", None, ["--frobnicate"], "frobnicate"),
 ]
 

@@ -54,6 +54,48 @@ def test_random_tiny_model_fails_the_pass_key_task():
     assert json.loads(done.stdout)["accuracy"] <= 0.25
 
 
+def _eval_in_process(*args: str) -> dict:
+    from typer.testing import CliRunner
+
+    from kvpareto.cli import app
+
+    done = CliRunner().invoke(
+        app,
+        ["eval", "--model", "tiny-llama", "--context-lengths", "256", "--samples", "1"]
+        + ["--k-bits", "4", "--v-bits", "2", "--chunk-size", "64", "--json", *args],
+    )
+    assert done.exit_code == 0, done.output
+    return json.loads(done.stdout)
+
+
+def test_dtype_auto_records_what_it_resolved_to_and_why():
+    from kvpareto.hardware import resolve_compute_dtype
+
+    r = _eval_in_process("--dtype", "auto")
+    assert r["compute_dtype"] == resolve_compute_dtype("auto").name
+    assert r["compute_dtype_requested"] == "auto"
+    assert r["compute_dtype_reason"].startswith("auto:")
+    assert r["storage_dtype"] == "bfloat16"
+
+
+def test_fp32_compute_reports_the_memory_of_bf16_storage():
+    """The path AVX2-only machines take under auto: computing in fp32 changes no stored byte."""
+    fp32, bf16 = _eval_in_process("--dtype", "float32"), _eval_in_process("--dtype", "bf16")
+    assert (fp32["compute_dtype"], fp32["storage_dtype"]) == ("float32", "bfloat16")
+    assert (bf16["compute_dtype"], bf16["storage_dtype"]) == ("bfloat16", "bfloat16")
+    for part in ("weights_bytes", "kv_bytes"):
+        assert fp32["memory"][part] == bf16["memory"][part]
+        assert fp32["memory"][part] == fp32["memory"]["modeled"][part]
+        assert fp32["memory"]["modeled"][part] == bf16["memory"]["modeled"][part]
+
+
+def test_fp32_storage_holds_twice_the_weight_bytes():
+    fp32 = _eval_in_process("--dtype", "float32", "--storage-dtype", "float32")
+    bf16 = _eval_in_process("--dtype", "float32")
+    # Float weights double; the rotary tables (a few hundred bytes) are fp32 in both.
+    assert 1.99 < fp32["memory"]["weights_bytes"] / bf16["memory"]["weights_bytes"] < 2.0
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -68,6 +110,8 @@ def test_random_tiny_model_fails_the_pass_key_task():
         ["--samples", "0"],
         ["--tasks", "nope"],
         ["--dtype", "int8"],
+        ["--storage-dtype", "auto"],
+        ["--storage-dtype", "int4"],
         ["--config", "/no/such.yaml"],
         ["--frobnicate"],
         ["--context-lengths", "100000"],

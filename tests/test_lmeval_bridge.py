@@ -166,3 +166,16 @@ def test_the_python_version_enters_the_perplexity_text_and_the_trial_cache_key(m
     monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
     assert "3.99.0" in perplexity.source()
     assert eval_key(Config(), "m", settings) != here
+
+
+def test_model_args_choose_compute_and_storage_dtypes():
+    from kvpareto.hardware import resolve_compute_dtype
+    from kvpareto.models.storage_dtype import compute_dtype, storage_dtype
+
+    auto = KVParetoLM(model="tiny-llama").loaded.model
+    assert compute_dtype(auto) == getattr(torch, resolve_compute_dtype("auto").name)
+    assert storage_dtype(auto) == torch.bfloat16
+    fp32 = KVParetoLM(model="tiny-llama", dtype="float32").loaded.model
+    assert (compute_dtype(fp32), storage_dtype(fp32)) == (torch.float32, torch.bfloat16)
+    with pytest.raises(UserError, match="storage_dtype"):
+        KVParetoLM(model="tiny-llama", storage_dtype="auto")

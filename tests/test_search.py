@@ -228,3 +228,31 @@ def test_compare_grid_reports_the_fraction_of_grid_hypervolume(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "of the grid's hypervolume" in done.stdout
+
+
+def test_study_json_and_report_record_the_resolved_compute_dtype(tmp_path):
+    from kvpareto.hardware import resolve_compute_dtype
+
+    _search(tmp_path, "--trials", "1")
+    folder = tmp_path / "tiny-llama" / "s"
+    facts = json.loads((folder / "study.json").read_text())
+    auto = resolve_compute_dtype("auto")
+    assert facts["compute_dtype"] == auto.name and facts["compute_dtype_requested"] == "auto"
+    assert facts["compute_dtype_reason"] == auto.reason
+    assert facts["storage_dtype"] == "bfloat16"
+    page = (folder / "report.html").read_text()
+    assert "compute dtype" in page and auto.reason in page
+
+
+def test_trial_cache_keys_hold_the_resolved_compute_dtype_and_the_storage_dtype():
+    from kvpareto.config import Config
+    from kvpareto.search.study import SearchSettings, eval_key
+
+    def key(**kw) -> str:
+        settings = SearchSettings("tiny-llama", "space.yaml", ["niah"], 512, 1, **kw)
+        return eval_key(Config(), "model-hash", settings)
+
+    here = SearchSettings("tiny-llama", "space.yaml", ["niah"], 512, 1).compute.name
+    other = "float32" if here == "bfloat16" else "bfloat16"
+    assert key(dtype="auto") == key(dtype=here) != key(dtype=other)
+    assert key(dtype="float32", storage_dtype="float32") != key(dtype="float32")

@@ -22,6 +22,7 @@ from kvpareto.errors import UserError
 from kvpareto.models import precision, sources
 from kvpareto.models.catalog import CATALOG, ModelSpec, known_names
 from kvpareto.models.precision import FLOAT, UNKNOWN, SourcePrecision
+from kvpareto.models.storage_dtype import compute_in
 from kvpareto.models.tiny import build_tiny
 
 _MARKER = "kvpareto-converted.json"
@@ -103,8 +104,19 @@ def resolve_ref(ref: str) -> tuple[str, object]:
     )
 
 
-def load_model(ref: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load `ref`, which may be a catalog name, a .gguf path, an HF folder, or a hub id."""
+def load_model(
+    ref: str, dtype: torch.dtype = torch.float32, storage_dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """Load `ref`, which may be a catalog name, a .gguf path, an HF folder, or a hub id.
+
+    The float weights are held in `storage_dtype` (default: `dtype`) and the model computes in
+    `dtype`, casting each weight as it is used when the two differ (`precision.compute_in`)."""
+    loaded = _load(ref, storage_dtype or dtype)
+    compute_in(loaded.model, dtype)
+    return loaded
+
+
+def _load(ref: str, dtype: torch.dtype) -> LoadedModel:
     _quiet_transformers()
     kind, value = resolve_ref(ref)
     if kind == "catalog":

@@ -15,7 +15,7 @@ cache: `modeled_nbytes(N)` is exact. A write whose quota is one width (every dec
 instance) skips the features entirely.
 
 Storage. Per layer, one pool per width: packed per-token tiles (1 x g channels, fp16 scale and
-zero, `tiles.quantize`) for 2/4/8 bits, the 16-bit compute dtype (fp16 under fp32) for 16. Each
+zero, `tiles.quantize`) for 2/4/8 bits, the 16-bit storage dtype (fp16 under fp32) for 16. Each
 pool preallocates rows in blocks of BLOCK_TOKENS tokens and writes appends in place, as the static
 cache's stores do (kv_cache.py, "Growth"); `modeled_nbytes` counts that slack.
 
@@ -65,7 +65,9 @@ _F16 = 2  # bytes of an fp16 scale or zero point
 def make_cache(
     model, config: Config, dtype: torch.dtype, prompt_length: int | None = None
 ) -> Cache:
-    """The cache a Config asks for: the static packed cache, or adaptive per-token pools."""
+    """The cache a Config asks for: the static packed cache, or adaptive per-token pools.
+
+    `dtype` is the storage dtype: what full-precision K/V are held in."""
     if config.kv_scheme == "static":
         return QuantizedKVCache(model.config, config, dtype, prompt_length=prompt_length)
     return AdaptiveKVCache(model, config, dtype, prompt_length=prompt_length)

@@ -22,10 +22,12 @@ Semantics (ARCHITECTURE.md, "Quantize on write, faithfully"):
   the cache ever held, sampled after every layer update, and `modeled_peak_nbytes` gives it in
   closed form.
 
-Storage: packed uint8 codes, fp16 scale and zero per tile, the tail in the compute dtype. A 16-bit
-stream stores the compute dtype when it is 16-bit, else fp16. Each step dequantizes the history
-of one layer straight into the K/V tensor attention reads; that temporary is activation memory,
-not KV memory. (Keeping a dequantized copy between steps would be faster, and a lie about bytes.)
+Storage: packed uint8 codes, fp16 scale and zero per tile, the tail in the storage dtype (the
+dtype the model's float weights are held in, which may differ from the compute dtype). A 16-bit
+stream stores the storage dtype when it is 16-bit, else fp16. Each step dequantizes (or casts) the
+history of one layer straight into the K/V tensor attention reads, in the compute dtype; that
+temporary is activation memory, not KV memory. (Keeping a dequantized copy between steps would be
+faster, and a lie about bytes.)
 
 Growth: every store (the packed tiles, the tail) is a `RowRing`, rows preallocated in blocks, so
 an append writes only its new rows, in place, and tokens leave the front (into tiles, or out of a
@@ -56,8 +58,8 @@ _F16 = 2  # bytes of an fp16 scale, zero point or smoothing mean
 BLOCK_TOKENS = 16
 
 
-def storage_dtype_16(compute: torch.dtype) -> torch.dtype:
-    return compute if compute in (torch.float16, torch.bfloat16) else torch.float16
+def storage_dtype_16(storage: torch.dtype) -> torch.dtype:
+    return storage if storage in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def capacity(n: int, block: int) -> int:
@@ -221,10 +223,11 @@ def stream_specs(
 class KVStream:
     """The K (or V) history of one layer: packed quantized tiles, then a full-precision tail."""
 
-    def __init__(self, spec: StreamSpec, dtype: torch.dtype):
+    def __init__(self, spec: StreamSpec, dtype: torch.dtype, storage: torch.dtype):
+        """`dtype` is what attention reads (the compute dtype), `storage` what the tail holds."""
         self.spec = spec
         self.dtype = dtype
-        self.tail_dtype = dtype if spec.quantized else storage_dtype_16(dtype)
+        self.tail_dtype = storage if spec.quantized else storage_dtype_16(storage)
         self.total = 0  # tokens ever written
         self.pruned = 0  # tokens written but evicted on arrival, never stored
         # Indices into the sequence of kept tokens (every token written, when nothing is pruned):
@@ -408,10 +411,12 @@ class QuantizedKVLayer(CacheLayerMixin):
         k_spec: StreamSpec,
         v_spec: StreamSpec,
         window: int | None,
+        storage: torch.dtype,
         pruner: TokenPruner | None = None,
     ):
         super().__init__()
         self.k_spec, self.v_spec, self.window = k_spec, v_spec, window
+        self.storage = storage
         self.is_sliding = window is not None
         self.pruner = pruner
         self.k: KVStream | None = None
@@ -422,8 +427,8 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.k = KVStream(self.k_spec, self.dtype)
-        self.v = KVStream(self.v_spec, self.dtype)
+        self.k = KVStream(self.k_spec, self.dtype, self.storage)
+        self.v = KVStream(self.v_spec, self.dtype, self.storage)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -486,7 +491,8 @@ class QuantizedKVCache(Cache):
     def __init__(
         self, model_config, config: Config, dtype: torch.dtype, prompt_length: int | None = None
     ):
-        """`prompt_length` tells pruning where the prompt ends; it is needed when prune_rate > 0."""
+        """`dtype` is the storage dtype (what full-precision K/V are held in); `prompt_length`
+        tells pruning where the prompt ends, and is needed when prune_rate > 0."""
         cfg = model_config.get_text_config()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -502,7 +508,7 @@ class QuantizedKVCache(Cache):
         for idx, window in enumerate(layer_windows(model_config)):
             k_spec, v_spec = stream_specs(config, idx, self.head_dim, window, dtype)
             pruner = self.pruner if window is None else None
-            layers.append(QuantizedKVLayer(k_spec, v_spec, window, pruner))
+            layers.append(QuantizedKVLayer(k_spec, v_spec, window, dtype, pruner))
         super().__init__(layers=layers)
         self.peak_nbytes = 0  # measured: the most bytes held after any layer update
         self._held = 0

@@ -113,12 +113,13 @@ class PackedLinear(torch.nn.Module):
 
     def forward_via(self, path: str, x: torch.Tensor) -> torch.Tensor:
         """The layer's output through `path` (one of `PATHS`), in x's dtype."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)  # held in the storage dtype
         if path == "dequantize":
-            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
         dtype = torch.bfloat16 if path == "packed-bf16" else x.dtype
         rows = x.reshape(-1, self.in_features).to(dtype).contiguous()
         y = self._kernel(rows).to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y.add_(self.bias)
+        return y if bias is None else y.add_(bias)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -5,7 +5,8 @@
   baseline when measured, status, error, whether it came from the trial cache);
 - `frontier.json`: the Pareto-optimal feasible trials, cheapest first, with the baseline, the knee,
   the "indistinguishable" marks and the hypervolume;
-- `study.json`: the command, versions, seed, space hash, hardware, the model's source precision.
+- `study.json`: the command, versions, seed, space hash, hardware, the model's source precision,
+  and the compute dtype (as asked, as resolved on this machine, and why) beside the storage dtype.
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ def study_facts(settings, space, command: list[str], source) -> dict:
         "seed": settings.seed,
         "budget_mb": settings.budget_mb,
         "objectives": settings.objectives,
-        "dtype": settings.dtype,
+        **settings.compute.to_dict(),
+        "storage_dtype": settings.storage_dtype,
         "versions": {
             "kvpareto": __version__,
             "python": sys.version.split()[0],

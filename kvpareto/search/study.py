@@ -28,10 +28,12 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from kvpareto.config import Config
 from kvpareto.errors import UserError
+from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
 from kvpareto.space import SearchSpace, canonical
 
@@ -56,7 +58,8 @@ class SearchSettings:
     objectives: list[str] = field(default_factory=lambda: ["memory", "accuracy"])
     samples: int = 5
     lengths: list[int] = field(default_factory=list)  # task prompt lengths; default: context
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # the compute dtype asked for; `compute` is what it resolves to here
+    storage_dtype: str = "bfloat16"  # what float weights and full-precision K/V are held in
     threads: int | None = None
     perplexity: bool = False  # also measure held-out perplexity (reported, not an objective)
 
@@ -96,6 +99,11 @@ class SearchSettings:
                 f"--context-length {self.context_length} does not fit {self.model} (max {limit})"
             )
 
+    @cached_property
+    def compute(self) -> ComputeDtype:
+        """The compute dtype resolved on this machine: what trials run in and are keyed by."""
+        return resolve_compute_dtype(self.dtype)
+
     @property
     def task_lengths(self) -> list[int]:
         return self.lengths or [self.context_length]
@@ -109,7 +117,9 @@ def eval_key(config: Config, model_hash: str, s: SearchSettings) -> str:
     from kvpareto.tasks import get_task
 
     tasks = [get_task(t).task_hash(s.task_lengths, s.samples, s.seed) for t in s.tasks]
-    identity = [config.key(), model_hash, tasks, s.context_length, s.dtype]
+    identity = [config.key(), model_hash, tasks, s.context_length, s.compute.name]
+    if s.storage_dtype != s.compute.name:  # equal dtypes keep the keys made before the split
+        identity.append({"storage_dtype": s.storage_dtype})
     if s.perplexity:  # only when asked, so caches written before it existed stay valid
         from kvpareto.engine import SCORING_VERSION
         from kvpareto.tasks.perplexity import source
@@ -234,7 +244,11 @@ class Search:
 
         if self.s.threads:
             torch.set_num_threads(self.s.threads)
-        self.loaded = load_model(self.s.model, dtype=getattr(torch, self.s.dtype))
+        self.loaded = load_model(
+            self.s.model,
+            dtype=getattr(torch, self.s.compute.name),
+            storage_dtype=getattr(torch, self.s.storage_dtype),
+        )
         limit = self.loaded.spec.max_context
         if limit and self.s.context_length + 32 > limit:
             length = self.s.context_length
