@@ -235,9 +235,9 @@ _SPECS = [
 @pytest.mark.parametrize("chunks", [[300] + [1] * 40, [37] * 8 + [1] * 40, [5] * 30])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_stream_reads_what_a_concatenating_store_would_hold(spec, chunks, dtype):
-    # The tail is held in the compute dtype, or in fp16 by a 16-bit stream computing in fp32.
+    # Storage = compute here: the tail is held in that dtype, or in fp16 by a 16-bit fp32 stream.
     spec = replace(spec, fp_bytes=2 if dtype == torch.bfloat16 or not spec.quantized else 4)
-    stream = KVStream(spec, dtype)
+    stream = KVStream(spec, dtype, dtype)
     generator = torch.Generator().manual_seed(0)
     written = torch.empty(1, 2, 0, 64, dtype=dtype)
     for n in chunks:
@@ -265,7 +265,7 @@ def test_stream_reads_what_a_concatenating_store_would_hold(spec, chunks, dtype)
     ids=["packed", "packed-and-residual", "16-bit", "16-bit-window", "packed-window"],
 )
 def test_decode_appends_in_place_and_moves_the_history_once_a_block(spec, moves):
-    stream = KVStream(spec, torch.bfloat16)
+    stream = KVStream(spec, torch.bfloat16, torch.bfloat16)
     stream.update(torch.randn(1, 2, 100, 64).to(torch.bfloat16))
     held = [t.data_ptr() for t in stream.tensors()]
     moved = 0
