@@ -15,7 +15,13 @@ from rich.console import Console
 from rich.table import Table
 
 from kvpareto.errors import UserError
-from kvpareto.hardware import COMPUTE_DTYPES, STORAGE_DTYPES, dtype_choice, resolve_compute_dtype
+from kvpareto.hardware import (
+    COMPUTE_DTYPES,
+    STORAGE_DTYPES,
+    cpu_flag_summary,
+    dtype_choice,
+    resolve_compute_dtype,
+)
 
 try:  # typer >= 0.26 vendors its own click; older releases use click itself
     from typer._click import exceptions as click_errors
@@ -236,7 +242,8 @@ def bench_command(
     dtype: str = typer.Option("auto", help=_DTYPE_HELP),
     storage_dtype: str = typer.Option("bfloat16", help=_STORAGE_HELP),
     parts: str = typer.Option(
-        "kv,weights,prune,reuse", help="Which benchmarks: kv, weights, prune, reuse."
+        "kv,weights,prune,reuse,dtype",
+        help="Which benchmarks: kv, weights, prune, reuse, dtype.",
     ),
     prune_samples: int = typer.Option(10, min=1, help="NIAH prompts per prune rate."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -247,14 +254,22 @@ def bench_command(
     """
     import torch
 
-    from kvpareto.bench import prune_bench, reuse_bench, run_bench, weight_bench
+    from kvpareto.bench import (
+        dtype_bench,
+        prune_bench,
+        reuse_bench,
+        run_bench,
+        targets,
+        weight_bench,
+    )
 
     lengths = _csv_ints(context_lengths, "--context-lengths")
     compute, storage = _dtypes(dtype, storage_dtype)
     chosen = {p.strip() for p in parts.split(",") if p.strip()}
-    if not chosen or chosen - {"kv", "weights", "prune", "reuse"}:
+    known = {"kv", "weights", "prune", "reuse", "dtype"}
+    if not chosen or chosen - known:
         raise UserError(
-            f"--parts takes a comma-separated subset of kv, weights, prune, reuse; got {parts!r}"
+            f"--parts takes a comma-separated subset of {', '.join(sorted(known))}; got {parts!r}"
         )
     if threads:
         torch.set_num_threads(threads)
@@ -267,8 +282,12 @@ def bench_command(
         rows["prune"] = prune_bench(loaded, min(lengths), prune_samples, log=log)
     if "reuse" in chosen:
         rows["reuse"] = reuse_bench(loaded, min(lengths), prune_samples, log=log)
+    if "dtype" in chosen:
+        rows["dtype"] = dtype_bench(model, getattr(torch, storage), max(lengths), repeats, log=log)
     rows["model"], rows["threads"] = loaded.spec.name, torch.get_num_threads()
     rows.update(compute.to_dict(), storage_dtype=storage)
+    rows["cpu_flags"] = cpu_flag_summary()
+    rows["targets"] = targets(rows)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -302,8 +321,12 @@ def bench_command(
                 f"{r['kv_vs_unpruned']:.2f}x",
             )
         out.print(table)
-    if "decode" not in rows:
-        return
+    if "decode" in rows:
+        _print_kv_bench(rows, compute, storage)
+    _print_targets(rows)
+
+
+def _print_kv_bench(rows: dict, compute, storage: str) -> None:
     decode = Table(
         title=f"decode tokens/s, {rows['threads']} threads, compute {compute.name} "
         f"({compute.reason}), storage {storage}"
@@ -332,6 +355,20 @@ def bench_command(
             _mib(a["activation_peak_bytes"]),
         )
     out.print(pre)
+
+
+def _print_targets(rows: dict) -> None:
+    table = Table(
+        title=f"targets ({rows['threads']} threads; CPU flags: {rows['cpu_flags']})",
+        caption="`make search` wall time (target <= 20 min on an AVX2-only 2-core CPU) is timed "
+        "by running it, not here.",
+    )
+    for col in ("measure", "measured", "target", "met"):
+        table.add_column(col)
+    for t in rows["targets"]:
+        met = "" if t["met"] is None else ("yes" if t["met"] else "NO")
+        table.add_row(t["measure"], f"{t['value']:.2f}x", t["target"] or "reported", met)
+    out.print(table)
 
 
 @app.command("search")

@@ -71,3 +71,11 @@ def resolve_compute_dtype(requested: str, device: str = "cpu") -> ComputeDtype:
         return ComputeDtype(requested, requested, "set explicitly")
     name, reason = auto_compute_dtype(cpu_flags(), device)
     return ComputeDtype(name, requested, reason)
+
+
+def cpu_flag_summary(flags: str | None = None) -> str:
+    """The SIMD flags that decide kernel speed (avx*, fma, amx*), sorted: printed beside every
+    speed figure, since the same code runs several times faster or slower across these CPUs."""
+    words = (cpu_flags() if flags is None else flags).split()
+    picked = sorted({w for w in words if w.startswith(("avx", "amx")) or w == "fma"})
+    return " ".join(picked) or "unknown"
