@@ -4,24 +4,25 @@ Measured means bytes of tensors actually held (weights, KV) or a peak observed w
 ran (activations). Modeled means a closed-form formula from the architecture and the Config.
 Reports show both; tests check that they agree (KV to the byte, activations within 10%).
 
-The activation peak is measured on CPU with a `TorchDispatchMode` that sees every tensor an op
-creates and tracks live storages with `weakref.finalize` (two methods agreed exactly in
-FINDINGS.md; this one is far cheaper than the profiler). Parameters are not activations, and
-neither are bytes held by the KV cache at that moment, so both are excluded: what remains is the
-part that chunked prefill shrinks. On CUDA, `torch.cuda.max_memory_allocated` is used instead.
+The activation peak is measured over a prefill and one decode step. On CPU it is read from the
+allocator itself, through the torch profiler's memory events: every allocation and free, those
+inside composite ops included (SDPA converts its boolean mask to a float one inside a single op,
+which a hook on op outputs never sees). Parameters are not activations, and neither are the
+bytes the KV cache holds at that moment, so both are left out: what remains is the part that
+chunked prefill shrinks. On CUDA, `torch.cuda.max_memory_allocated` is used instead.
 """
 
 from __future__ import annotations
 
-import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.profiler import ProfilerActivity
 
 from kvpareto.config import Config
 from kvpareto.engine import prefill
+from kvpareto.hf_compat import with_cache
 from kvpareto.quant.adaptive import make_cache
 
 
@@ -70,56 +71,124 @@ def weights_bytes_modeled(model: torch.nn.Module) -> int:
     return total
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Tracks bytes of live storages created by ops, and the peak of (live - KV-held)."""
+_MARK = "kvpareto.kv_update"
 
-    def __init__(self, ignore_ptrs: set[int], kv_held):
-        super().__init__()
-        self.ignore = ignore_ptrs
-        self.kv_held = kv_held
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
 
-    def _release(self, ptr: int) -> None:
-        self.current -= self.live.pop(ptr, 0)
+def _allocator_peak(events: list[tuple[int, int, int]], marks: list[tuple[int, set[int]]]) -> int:
+    """The peak of bytes allocated and not yet freed, KV storages left out.
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr in self.live or ptr in self.ignore or storage.nbytes() == 0:
-                continue
-            self.live[ptr] = storage.nbytes()
-            self.current += storage.nbytes()
-            weakref.finalize(storage, self._release, ptr)
-        self.peak = max(self.peak, self.current - self.kv_held())
+    `events` are the profiler's CPU allocations and frees, (time, pointer, signed size); a free
+    of a storage allocated before profiling started is skipped. `marks` are (time, pointers of
+    the storages a layer's cache holds) at the end of each cache update: an allocation still live
+    at a mark that names its pointer is a KV store from the moment it was allocated. So each
+    moment leaves out exactly the KV bytes held then, and a store that a ring reallocates during
+    an update never counts as activation.
+    """
+    timeline = sorted(
+        [(t, 0, ptr, size) for t, ptr, size in events] + [(t, 1, 0, ptrs) for t, ptrs in marks],
+        key=lambda e: e[:2],
+    )
+    live: dict[int, int] = {}  # pointer -> the timeline index of the allocation holding it
+    kv: set[int] = set()
+    for i, (_, is_mark, ptr, what) in enumerate(timeline):
+        if is_mark:
+            kv.update(live[p] for p in what if p in live)
+        elif what > 0:
+            live[ptr] = i
+        else:
+            live.pop(ptr, None)
+    counted: set[int] = set()
+    current = peak = 0
+    for i, (_, is_mark, ptr, size) in enumerate(timeline):
+        if is_mark or (size > 0 and i in kv) or (size < 0 and ptr not in counted):
+            continue
+        if size > 0:
+            counted.add(ptr)
+        else:
+            counted.discard(ptr)
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def _profiled(prof) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """(CPU allocation events, end times of the cache updates in order) from a finished profile."""
+    from torch._C._profiler import _EventType
+
+    events, marks = [], []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            fields = event.extra_fields
+            if fields.device.type == "cpu":
+                events.append((event.start_time_ns, fields.ptr, fields.alloc_size))
+        elif event.name == _MARK:
+            marks.append(event.end_time_ns)
+    return events, sorted(marks)
+
+
+@contextmanager
+def _marked_updates(cache, held: list[set[int]]):
+    """Wrap each cache update in a profiler range, and note the storages its layer then holds."""
+    update = cache.update
+
+    def marked(key_states, value_states, layer_idx, *args, **kwargs):
+        with torch.profiler.record_function(_MARK):
+            out = update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = cache.layers[layer_idx]
+        held.append({t.untyped_storage().data_ptr() for t in layer.k.tensors() + layer.v.tensors()})
         return out
+
+    cache.update = marked
+    try:
+        yield
+    finally:
+        del cache.update
+
+
+def _run(model, input_ids: torch.Tensor, cache, config: Config) -> int:
+    """Prefill, then one decode step, which reads the whole prompt back from the cache; return
+    the KV peak of the prefill."""
+    logits = prefill(model, input_ids, cache, config.chunk_size)
+    kv = cache.peak_nbytes
+    model(logits.argmax(dim=-1)[:, None], **with_cache(cache), use_cache=True, logits_to_keep=1)
+    return kv
 
 
 @torch.inference_mode()
 def measure_prefill(model, input_ids: torch.Tensor, config: Config) -> tuple[int, int]:
-    """Run one prefill; return (activation peak bytes, KV peak bytes), both measured.
+    """Run one prefill and one decode step; return (activation peak bytes, KV peak bytes), both
+    measured.
 
-    The KV figure is the most the cache held after any layer update (`peak_nbytes`), which is
-    what a device must have room for: the bytes at the end of the prompt, unless a full-precision
-    tail was flushed into tiles or a window slid on the way there.
+    The activation peak is the larger of the prefill's and the decode step's: a decode step
+    dequantizes the whole history of a layer into the K/V that attention reads. The KV figure is
+    the most the cache held after any layer update of the prefill (`peak_nbytes`), which is what
+    a device must have room for: the bytes at the end of the prompt, unless a full-precision tail
+    was flushed into tiles or a window slid on the way there.
     """
     dtype = next(model.parameters()).dtype
     cache = make_cache(model, config, dtype, prompt_length=input_ids.shape[1])
     if input_ids.device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        prefill(model, input_ids, cache, config.chunk_size)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base - cache.nbytes()
-        return max(peak, 0), cache.peak_nbytes
-    ignore = set(_unique_storages(list(model.parameters()) + list(model.buffers())))
-    ignore.add(input_ids.untyped_storage().data_ptr())
-    with _LiveBytes(ignore, cache.nbytes) as tracker:
-        prefill(model, input_ids, cache, config.chunk_size)
-    return tracker.peak, cache.peak_nbytes
+        return _cuda_peak(model, input_ids, cache, config)
+    held: list[set[int]] = []
+    with (
+        _marked_updates(cache, held),
+        torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
+        kv = _run(model, input_ids, cache, config)
+    events, ends = _profiled(prof)
+    return _allocator_peak(events, list(zip(ends, held, strict=True))), kv
+
+
+def _cuda_peak(model, input_ids: torch.Tensor, cache, config: Config) -> tuple[int, int]:
+    """The CUDA allocator's peak over the run, less the KV held at the run's end, and the KV
+    peak. The allocator keeps no timeline, so the KV subtracted is the end's, not the peak's:
+    off by what the cache wrote or freed after the peak."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    kv = _run(model, input_ids, cache, config)
+    torch.cuda.synchronize()
+    return max(torch.cuda.max_memory_allocated() - base - cache.nbytes(), 0), kv

@@ -47,37 +47,132 @@ def modeled_activation_peak(
     prompt_len: int,
     dtype: torch.dtype,
     storage: torch.dtype | None = None,
+    threads: int | None = None,
 ) -> int:
     """The modeled peak in bytes, computing in `dtype` with weights and full-precision K/V held
-    in `storage` (default: `dtype`)."""
+    in `storage` (default: `dtype`), SDPA running on `threads` threads (default: torch's)."""
     cfg = model_config.get_text_config()
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    d = getattr(cfg, "head_dim", None) or h // heads
     e = torch.finfo(dtype).bits // 8
     casts = storage is not None and storage != dtype
+    shape = _Shape(cfg, e, threads or torch.get_num_threads())
     windows = set(layer_windows(model_config))
-    masks_per_chunk = len(windows)  # one mask per distinct attention pattern (global, sliding)
-
+    quantized = [spec for i in range(cfg.num_hidden_layers) for spec in _specs(config, shape, i)]
     step = config.chunk_size or prompt_len
-    peak = 0
-    for p in range(0, prompt_len, step):
+    stored = _stored_before(config, prompt_len)
+    copies = bool(quantized) or casts or windows != {None}
+    peak = _decode_moment(shape, stored[-1], windows, quantized)
+    for i, p in enumerate(range(0, prompt_len, step)):
         c = min(step, prompt_len - p)
-        # The widest layer sees all t tokens; a sliding layer sees at most its window.
-        t = max(p + c if w is None else min(p, w - 1) + c for w in windows)
-        masked = p > 0
-        mask = masks_per_chunk * c * t if masked else 0
-        attention = c * (3 * h + 2 * heads * d + 2 * kv * d + 2 * d) * e + mask
-        if masked or casts:
-            attention += 2 * t * kv * d * e
-        if masked and heads > kv:
-            attention += 2 * t * heads * d * e
-        mlp = c * (3 * inter + 4 * h + 2 * d) * e + mask
-        peak = max(peak, attention, mlp, _weight_moment(cfg, config, c, dtype))
+        # The widest layer sees the tokens it stores and the chunk; a sliding layer at most its
+        # window.
+        t = max(stored[i] + c if w is None else min(p, w - 1) + c for w in windows)
+        peak = max(
+            peak,
+            _chunk_moments(shape, config, c, t, p, len(windows), quantized, copies),
+            _weight_moment(cfg, config, c, dtype),
+        )
         if casts:
             peak = max(peak, _cast_moment(cfg, config, c, e))
     return peak
+
+
+class _Shape:
+    """The sizes the terms are written in: h hidden, inter MLP, H query heads, kv KV heads, d
+    head_dim, e bytes per compute element."""
+
+    def __init__(self, cfg, e: int, threads: int):
+        self.h, self.inter = cfg.hidden_size, cfg.intermediate_size
+        self.heads = cfg.num_attention_heads
+        self.kv = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.d = getattr(cfg, "head_dim", None) or self.h // self.heads
+        self.e, self.threads = e, threads
+
+
+def _stored_before(config: Config, prompt_len: int) -> list[int]:
+    """Prompt tokens a global layer stores before each chunk, and after the last one."""
+    from kvpareto.quant.pruning import TokenPruner
+
+    step = config.chunk_size or prompt_len
+    if config.prune_rate == 0:
+        return list(range(0, prompt_len, step)) + [prompt_len]
+    schedule = TokenPruner(config.prune_rate, None, prompt_len).schedule(config.chunk_size)
+    return [0] + [kept for _, kept in schedule]
+
+
+def _specs(config: Config, shape: _Shape, layer: int):
+    from kvpareto.quant.kv_cache import stream_specs
+
+    return [s for s in stream_specs(config, layer, shape.d, None, torch.float32) if s.quantized]
+
+
+def _sdpa_scratch(shape: _Shape, c: int, t: int) -> int:
+    """The CPU flash-attention kernel's buffers: per thread, a q block of qs rows by a kv block
+    of ks columns of fp32 scores plus fp32 row state (d + 2 columns), and a reduced-precision
+    copy of the scores when computing in 16 bits; the fp32 log-sum-exp of every query row."""
+    qs = min(256 if c >= 768 else 64 if c >= 192 else 32, c)
+    ks = min(512, t)
+    per_thread = qs * (ks + shape.d + 2) * 4 + (qs * ks * shape.e if shape.e < 4 else 0)
+    return shape.threads * per_thread + c * shape.heads * 4
+
+
+def _chunk_moments(
+    shape: _Shape, config: Config, c: int, t: int, p: int, masks: int, quantized, copies: bool
+) -> int:
+    """The largest of the moments of one prefill chunk (see the module docstring)."""
+    h, inter, heads, kv, d, e = shape.h, shape.inter, shape.heads, shape.kv, shape.d, shape.e
+    # A sliding window needs a mask even on the first chunk.
+    masked = p > 0 or masks > 1
+    bool_masks = masks * c * t if masked else 0
+    stream = 3 * h * c * e
+    rope = stream + c * (4 * heads * d + 2 * kv * d + 2 * d) * e
+    at_attention = stream + c * (2 * heads * d + 2 * kv * d + 2 * d) * e + bool_masks
+    # The cache hands back a fresh [history | chunk] tensor unless every layer is a 16-bit store
+    # of the compute dtype with no window, read in place (then it is KV memory, left out).
+    returned = 2 * t * kv * d * e if copies else 0
+    at_attention += returned + _sdpa_scratch(shape, c, t)
+    if masked:
+        # SDPA converts the bool mask to a float one of the compute dtype inside the call, and
+        # without native grouped-query attention under a mask, k/v are repeated to every head.
+        at_attention += c * t * e + (2 * t * heads * d * e if heads > kv else 0)
+    mlp = c * (3 * inter + 4 * h + 2 * d) * e + bool_masks
+    moments = [rope, at_attention, mlp, _scorer_moment(shape, config, c, t, stream)]
+    if quantized:
+        moments.append(
+            stream
+            + c * (heads * d + 2 * kv * d + 2 * d) * e
+            + returned
+            + _encode(shape, config, c, p)
+        )
+    return max(moments)
+
+
+def _encode(shape: _Shape, config: Config, c: int, p: int) -> int:
+    """Bytes live while a stream quantizes the tokens leaving its tail during one chunk: those
+    tokens gathered in the compute dtype, then fp32 copies: the input, x - lo and the scaled
+    codes before rounding (smoothing and rotation each replace the fp32 input, adding none)."""
+    leaving = max(p + c - config.residual_length, 0) - max(p - config.residual_length, 0)
+    return leaving * shape.kv * shape.d * (shape.e + 3 * 4)
+
+
+def _scorer_moment(shape: _Shape, config: Config, c: int, t: int, stream: int) -> int:
+    """SnapKV's attention of the last w queries over the t keys, in fp32: logits, their softmax
+    and the keys cast to fp32 (other scorers hold [kv, c] tensors, far below the other moments)."""
+    if config.prune_rate == 0 or config.prune_scorer != "snapkv":
+        return 0
+    w = min(32, c)
+    return stream + 2 * shape.heads * w * t * 4 + t * shape.kv * shape.d * 4
+
+
+def _decode_moment(shape: _Shape, n: int, windows, quantized) -> int:
+    """One decode step after n stored prompt tokens: each layer rebuilds [history | token]
+    (t = n + 1 rows, a sliding layer its window) in the compute dtype, dequantizing through fp32
+    when smoothing or rotation must be undone (the fp32 rows and their rotated copy)."""
+    t = max(n + 1 if w is None else min(n, w - 1) + 1 for w in windows)
+    kv, d = shape.kv, shape.d
+    moment = 2 * t * kv * d * shape.e if quantized else 0
+    if any(s.rotate or s.smooth for s in quantized):
+        moment += 2 * t * kv * d * 4
+    return moment
 
 
 def _cast_moment(cfg, config: Config, c: int, e: int) -> int:

@@ -59,7 +59,8 @@ def test_packed_weight_temporaries_are_measured_and_modeled(smollm2, weights, to
     """Packed weights are dequantized one layer at a time; with small chunks that temporary
     (down_proj: 0.9 M weights) sets the activation peak, and the model must say so. Measured at
     512 tokens, chunk 32: unquantized 1.88 MB, int8 2.24 MB (modeled 1.97: the residual copies
-    alive beside the weight are counted loosely, hence 15%), int4 clearly above both."""
+    alive beside the weight are counted loosely, hence 15%), int4 clearly above both (allocator
+    level, decode step included: 3.02 MB against 2.02 MB unquantized)."""
     from kvpareto.quant.weights import quantized_model
 
     cfg = Config(weights=weights, k_bits=4, v_bits=4, chunk_size=32)
@@ -69,5 +70,47 @@ def test_packed_weight_temporaries_are_measured_and_modeled(smollm2, weights, to
         smollm2.model, _ids(512), Config(k_bits=4, v_bits=4, chunk_size=32)
     )
     modeled = modeled_activation_peak(model.config, cfg, 512, torch.bfloat16)
-    assert measured > unquantized + (2**20 if weights == "int4" else 2**18)
+    assert measured > unquantized + (2**19 if weights == "int4" else 2**18)
     assert abs(modeled - measured) <= tolerance * measured, (measured, modeled)
+
+
+# One tolerance for every point of the grid: the formula counts each sliding-window layer's mask
+# at the widest layer's length, which Gemma3's 16-bit configs overstate by up to a quarter.
+GRID_TOLERANCE = 0.25
+GRID = [
+    Config(),
+    Config(chunk_size=128),
+    Config(k_bits=4, v_bits=4),
+    Config(k_bits=4, v_bits=4, chunk_size=128),
+    Config(k_bits=2, v_bits=2, k_granularity="per-channel", residual_length=32, chunk_size=64),
+    Config(k_bits=4, v_bits=2, rotation="hadamard", k_smooth=True),
+    Config(k_bits=4, v_bits=4, rotation="hadamard", k_smooth=True, chunk_size=128),
+    Config(k_bits=4, v_bits=4, prune_rate=0.5, chunk_size=128),
+    Config(k_bits=2, v_bits=4, v_granularity="per-block", prune_rate=0.5),
+]
+
+
+@pytest.mark.parametrize("config", GRID, ids=lambda c: c.label())
+@pytest.mark.parametrize("name", TINY)
+def test_activation_peak_measured_agrees_with_modeled_over_the_grid(
+    tiny_models, name, config, record_property
+):
+    model = tiny_models[name].model
+    measured, _ = measure_prefill(model, _ids(512, vocab=259), config)
+    modeled = modeled_activation_peak(model.config, config, 512, torch.bfloat16)
+    record_property("measured_over_modeled", measured / modeled)
+    assert abs(measured - modeled) <= GRID_TOLERANCE * modeled, (measured, modeled)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "length,config",
+    [(2048, Config(k_bits=4, v_bits=4, chunk_size=1024)), (1024, GRID[6]), (1024, GRID[7])],
+    ids=lambda v: v.label() if isinstance(v, Config) else str(v),
+)
+def test_smollm2_activation_peak_counts_sdpa_mask_conversion(smollm2, length, config):
+    """SDPA turns the bool mask into a float one inside one op (aten::where); an op-output hook
+    missed it: at 2048 tokens, chunk 1024, k4v4, 31.38 MB where the allocator saw 34.49 MB."""
+    measured, _ = measure_prefill(smollm2.model, _ids(length), config)
+    modeled = modeled_activation_peak(smollm2.model.config, config, length, torch.bfloat16)
+    assert abs(measured - modeled) <= GRID_TOLERANCE * modeled, (measured, modeled)
