@@ -14,6 +14,7 @@ chunked prefill shrinks. On CUDA, `torch.cuda.max_memory_allocated` is used inst
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -173,6 +174,9 @@ def measure_prefill(model, input_ids: torch.Tensor, config: Config) -> tuple[int
     if input_ids.device.type == "cuda":
         return _cuda_peak(model, input_ids, cache, config)
     held: list[set[int]] = []
+    # Kineto logs "profiler_start/stop" lines straight to stderr at every profile, below any
+    # level Python controls; 6 is past its highest level, so it stays quiet unless a user asks.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with (
         _marked_updates(cache, held),
         torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,

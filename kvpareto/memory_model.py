@@ -1,35 +1,29 @@
-"""The modeled (analytic) activation peak of a chunked prefill, for the decoder-only families here.
+"""The modeled (analytic) activation peak of a chunked prefill and one decode step, for the
+decoder-only families here; what `memory.measure_prefill` reads from the allocator.
 
-The peak is the larger of two moments in one decoder layer, taken over every prefill chunk of
-c tokens with p tokens already cached (t = p + c visible), with e bytes per element:
-
-- at the attention call: the residual stream (embeddings, residual, normed input: 3h), q and the
-  attention output (2 H d), the chunk's k and v (2 kv d) and rotary cos/sin (2 d), all times c;
-  plus, once a cache exists (p > 0), the k/v the cache returns (2 t kv d); plus, once a mask is
-  needed (p > 0), a bool c x t mask and the k/v repeated to all query heads (2 t H d), since
-  transformers' SDPA path only uses grouped-query attention natively when no mask is given;
-- in the MLP: three c x I intermediates (gate activation, up, their product), four copies of the
-  residual stream and cos/sin, plus the mask when there is one.
-
+For every prefill chunk of c tokens (p prompt tokens before it, t visible to the widest layer:
+the tokens it stores plus the chunk, a sliding layer at most its window), with e bytes per
+compute element, the peak is the largest of these moments, each derived in its helper:
+- RoPE on the chunk: the residual stream (3 h c), q with its two rotated halves and their
+  product, k and cos/sin;
+- the attention call: the residual stream, q and the output, the chunk's k/v, cos/sin; the
+  [history | chunk] K/V the cache hands back (a fresh copy unless every layer is an uncast 16-bit
+  store without a window, read in place, which is KV memory); with a mask (p > 0, or any sliding
+  layer), one bool c x t mask per attention pattern, SDPA's float copy of it, and k/v repeated to
+  every query head (no native grouped-query attention under a mask); and the CPU flash kernel's
+  per-thread score blocks (`_sdpa_scratch`);
+- the MLP: three c x I intermediates, four copies of the residual stream, cos/sin, the masks;
+- a quantized cache write: the tokens leaving the tail, gathered, then three fp32 copies;
+- SnapKV scoring: fp32 logits and softmax of the last 32 queries over t keys;
+- packed weights: the widest packed linear on its chunk (its dequantized weight and unpacked
+  codes on the dequantize path, its bf16 activations on a kernel path, as measured on this
+  machine by `packed_linear.call_path`);
+- weights stored in another dtype than the compute dtype: the largest per-call weight cast;
+- and, once, the decode step after the prompt: each layer rebuilds its whole history in the
+  compute dtype (through fp32 when smoothing or rotation must be undone).
 Unchunked prefill has no mask and no repeat, which is why chunking wins twice at long context.
-Packed weights (`weights` int8/int4/awq4) add a third moment: the widest linear running on its
-chunk, with its dequantized weight and, for int4, the unpacked codes alive when the chunk takes
-the dequantize path, or only its activations cast to bf16 when it takes a packed kernel (the path
-measured on this machine, `packed_linear.call_path`; see `_weight_moment`).
-It only sets the peak when chunks are small; otherwise it hides under the other two.
-
-e is the compute dtype's size. When weights and full-precision K/V are held in another (storage)
-dtype, `models.storage_dtype` casts them as they are used, which adds:
-- at the attention call, the k/v the cache returns even when p = 0: a cast copy of the stored
-  ones, where an uncast 16-bit cache hands back the tensor it holds (so t = c there);
-- a fourth moment, the largest weight cast (`_cast_moment`). A float decoder linear's cast copy
-  lives while it runs. The widest is an MLP projection (I x h), and while up_proj runs in
-  down(act(gate(x)) * up(x)), act(gate(x)) and up's output (2 c I) are live beside it, with the
-  residual stream (residual, normed input, layer input: 3 h per token). The LM head casts in row
-  blocks of at most `CAST_BLOCK` elements, with the last hidden states (c h) and the logits
-  (vocab, plus the block being written) beside it.
-Checked against the measured peak in tests/test_memory.py (SmolLM2, 1k and 4k, within 10%) and,
-for fp32 compute over bf16 storage, in tests/test_storage_dtype.py.
+No term is fitted. tests/test_memory.py checks measured against modeled over a grid of cache
+configs, chunk sizes, pruning and the four tiny architectures with one tolerance, and on SmolLM2.
 """
 
 from __future__ import annotations
