@@ -43,9 +43,12 @@ struct Stream {
   const T* tail_row(int64_t t, int64_t d) const {
     return tail + ((tail_start + t - n_q) % tail_cap) * d;
   }
-  float zero_at(int64_t at) const {
-    float s = static_cast<float>(scale[at]);
-    return zero ? static_cast<float>(zero[at]) : -s * static_cast<float>(1 << (bits - 1));
+  // The scale and zero of `n` tiles from `at` on, as floats: converted once per row, not per head.
+  void tiles(int64_t at, int64_t n, float* s, float* z) const {
+    for (int64_t g = 0; g < n; ++g) {
+      s[g] = static_cast<float>(scale[at + g]);
+      z[g] = zero ? static_cast<float>(zero[at + g]) : -s[g] * static_cast<float>(1 << (bits - 1));
+    }
   }
 };
 
@@ -89,7 +92,7 @@ void run_part(const Stream<T>& K, const Stream<T>& V, std::vector<Head>& heads, 
   const int64_t v_nb = V.row_bytes(d), v_per = 8 / V.bits;
   const int64_t v_groups = d / V.tile_channels;
   const int64_t n = hi - lo;
-  std::vector<float> scores(n * rep), row(d), zacc(rep * v_groups, 0.f);
+  std::vector<float> scores(n * rep), row(d), zacc(rep * v_groups, 0.f), sc(d), zr(d);
   int64_t tile = -1;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t t = lo + j;
@@ -100,30 +103,32 @@ void run_part(const Stream<T>& K, const Stream<T>& V, std::vector<Head>& heads, 
       for (int64_t h = 0; h < rep; ++h) scores[j * rep + h] = dot_raw(heads[h].q.data(), x, d);
     } else if (K.tile_tokens == 1) {  // per-token: one scale and zero per group of channels
       unpack(K.code_row(t, d), k_nb, K.bits, row.data());
-      const int64_t at = K.tile_row(t) * (d / K.tile_channels), span = K.tile_channels / k_per;
+      const int64_t groups = d / K.tile_channels, span = K.tile_channels / k_per;
+      K.tiles(K.tile_row(t) * groups, groups, sc.data(), zr.data());
       for (int64_t h = 0; h < rep; ++h) {
         const Head& hd = heads[h];
         float s = hd.smooth;
-        for (int64_t g = 0; g < d / K.tile_channels; ++g) {
+        for (int64_t g = 0; g < groups; ++g) {
           float acc = 0.f;
           for (int64_t f = 0; f < k_per; ++f) {
             const float* a = hd.qp.data() + f * k_nb + g * span;
             const float* b = row.data() + f * k_nb + g * span;
             for (int64_t i = 0; i < span; ++i) acc += a[i] * b[i];
           }
-          s += static_cast<float>(K.scale[at + g]) * acc + K.zero_at(at + g) * hd.qsum[g];
+          s += sc[g] * acc + zr[g] * hd.qsum[g];
         }
         scores[j * rep + h] = s;
       }
     } else {  // per-channel: one scale and zero per channel over a tile of tokens
       if (K.tile_row(t) != tile) {
         tile = K.tile_row(t);
+        K.tiles(tile * d, d, sc.data(), zr.data());
         for (Head& hd : heads) {
           hd.bias = 0.f;
           for (int64_t c = 0; c < d; ++c) {
             const int64_t p = planar(c, k_per, k_nb);
-            hd.qs[p] = hd.qp[p] * static_cast<float>(K.scale[tile * d + c]);
-            hd.bias += hd.qp[p] * K.zero_at(tile * d + c);
+            hd.qs[p] = hd.qp[p] * sc[c];
+            hd.bias += hd.qp[p] * zr[c];
           }
         }
       }
@@ -169,13 +174,13 @@ void run_part(const Stream<T>& K, const Stream<T>& V, std::vector<Head>& heads, 
       continue;
     }
     unpack(V.code_row(t, d), v_nb, V.bits, row.data());
-    const int64_t at = V.tile_row(t) * v_groups;
+    V.tiles(V.tile_row(t) * v_groups, v_groups, sc.data(), zr.data());
     for (int64_t h = 0; h < rep; ++h) {
       const float p = scores[j * rep + h];
       float* acc = out + h * stride + 2;
       for (int64_t g = 0; g < v_groups; ++g) {
-        const float w = p * static_cast<float>(V.scale[at + g]);
-        zacc[h * v_groups + g] += p * V.zero_at(at + g);
+        const float w = p * sc[g];
+        zacc[h * v_groups + g] += p * zr[g];
         for (int64_t f = 0; f < v_per; ++f) {
           float* a = acc + f * v_nb + g * span;
           const float* b = row.data() + f * v_nb + g * span;
