@@ -561,12 +561,15 @@ class QuantizedKVCache(Cache):
                 raise ValueError("token pruning needs the prompt length: pass prompt_length")
             scorer = make_scorer(config.prune_scorer)
             self.pruner = TokenPruner(config.prune_rate, scorer, prompt_length)
-        fused = fused_decode.enabled(model_config) if fused is None else fused
+        windows = layer_windows(model_config)
+        specs = [stream_specs(config, i, self.head_dim, w, dtype) for i, w in enumerate(windows)]
+        if fused is None:  # the kernel is loaded (or built) only for a cache that can use it
+            fused = any(fused_decode.covers(*kv) for kv in specs)
+            fused = fused and fused_decode.enabled(model_config)
         if fused and not fused_decode.installed(model_config):
             raise ValueError("fused decode needs the model to run the kvpareto attention")
         layers = []
-        for idx, window in enumerate(layer_windows(model_config)):
-            k_spec, v_spec = stream_specs(config, idx, self.head_dim, window, dtype)
+        for window, (k_spec, v_spec) in zip(windows, specs, strict=True):
             pruner = self.pruner if window is None else None
             layers.append(QuantizedKVLayer(k_spec, v_spec, window, dtype, pruner, fused))
         super().__init__(layers=layers)
