@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# the fused decode kernel, compiled once per CPU kind; without a compiler, runs go without it
+	$(BIN)/kvpareto build-kernels || true
 	touch $@
 
 model: setup

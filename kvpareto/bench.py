@@ -1,7 +1,8 @@
 """Speed and memory benchmarks, reported as ratios against baselines measured in the same run.
 
 Targets live here, not in tests: tests check behaviour, wall time belongs to benchmarks.
-- decode tokens/s of our cache at 16/8/4/2 bits over transformers' DynamicCache;
+- decode tokens/s of our cache at 16/8/4/2 bits over transformers' DynamicCache, and at 4 bits
+  of the fused decode path over the reference path (the history dequantized for SDPA);
 - ours at 4 bits over transformers' QuantizedCache with the quanto backend at 4 bits;
 - prefill tokens/s chunked over unchunked;
 - the measured activation peak against chunk size;
@@ -102,11 +103,19 @@ def run_bench(model, lengths: list[int], steps: int = 16, repeats: int = 3, log=
         caches: dict[str, Callable] = {"dynamic": lambda: DynamicCache(config=model.config)}
         if _has_quanto():
             caches["quanto4"] = lambda: _quanto_cache(model.config)
+        paths = {}
         for bits in KV_BITS:
             cfg = Config(k_bits=bits, v_bits=bits)
             caches[f"ours{bits}"] = lambda c=cfg: QuantizedKVCache(model.config, c, dtype)
+            fused = any(layer.fused for layer in caches[f"ours{bits}"]().layers)
+            paths[bits] = "fused" if fused else "reference"
+        if paths[4] == "fused":
+            caches["ours4-reference"] = lambda: QuantizedKVCache(
+                model.config, Config(k_bits=4, v_bits=4), dtype, fused=False
+            )
         rates = decode_rates(model, caches, prompt, steps, repeats)
         base, quanto = rates["dynamic"], rates.get("quanto4")
+        reference = rates.get("ours4-reference")
         log(f"{length}: decode tok/s " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
         for bits in KV_BITS:
             ours = rates[f"ours{bits}"]
@@ -119,6 +128,8 @@ def run_bench(model, lengths: list[int], steps: int = 16, repeats: int = 3, log=
                     "vs_dynamic": ours / base,
                     "quanto4_tokens_per_s": quanto,
                     "vs_quanto4": ours / quanto if quanto and bits == 4 else None,
+                    "path": paths[bits],
+                    "vs_reference": ours / reference if reference and bits == 4 else None,
                 }
             )
         unchunked = prefill_rate(model, Config(k_bits=4, v_bits=4), prompt, repeats)

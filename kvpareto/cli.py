@@ -331,16 +331,20 @@ def _print_kv_bench(rows: dict, compute, storage: str) -> None:
         title=f"decode tokens/s, {rows['threads']} threads, compute {compute.name} "
         f"({compute.reason}), storage {storage}"
     )
-    for col in ("context", "KV bits", "ours tok/s", "÷ DynamicCache", "÷ quanto-4"):
+    cols = ("context", "KV bits", "path", "ours tok/s", "÷ DynamicCache", "÷ quanto-4")
+    for col in (*cols, "÷ reference path"):
         decode.add_column(col)
     for r in rows["decode"]:
         vs_q = f"{r['vs_quanto4']:.2f}x" if r["vs_quanto4"] else ""
+        vs_ref = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else ""
         decode.add_row(
             str(r["context"]),
             str(r["kv_bits"]),
+            r["path"],
             f"{r['tokens_per_s']:.1f}",
             f"{r['vs_dynamic']:.2f}x",
             vs_q,
+            vs_ref,
         )
     out.print(decode)
     pre = Table(title="prefill (4-bit cache) and measured activation peak")
@@ -489,6 +493,20 @@ def lm_eval_command(ctx: typer.Context) -> None:
     from kvpareto.lmeval_bridge import main as lm_eval_main
 
     lm_eval_main(ctx.args)
+
+
+@app.command("build-kernels")
+def build_kernels_command() -> None:
+    """Build the fused decode attention kernel for this CPU now, not at its first use (`make`
+    runs this). Exit code 1 if it cannot be built; decoding then reads the dequantized history.
+
+    Example: kvpareto build-kernels
+    """
+    from kvpareto.quant import fused_decode
+
+    if fused_decode.kernel() is None:
+        raise typer.Exit(1)
+    typer.echo(f"fused decode kernel ({fused_decode.isa()[0]}): {fused_decode.build_dir()}")
 
 
 @app.command("frontier")

@@ -110,9 +110,13 @@ def load_model(
     """Load `ref`, which may be a catalog name, a .gguf path, an HF folder, or a hub id.
 
     The float weights are held in `storage_dtype` (default: `dtype`) and the model computes in
-    `dtype`, casting each weight as it is used when the two differ (`precision.compute_in`)."""
+    `dtype`, casting each weight as it is used when the two differ (`precision.compute_in`). Its
+    attention is SDPA's, but for decode steps that our cache fuses (`quant.fused_decode`)."""
+    from kvpareto.quant import fused_decode
+
     loaded = _load(ref, storage_dtype or dtype)
     compute_in(loaded.model, dtype)
+    fused_decode.install(loaded.model)
     return loaded
 
 

@@ -27,7 +27,8 @@ dtype the model's float weights are held in, which may differ from the compute d
 stream stores the storage dtype when it is 16-bit, else fp16. Each step dequantizes (or casts) the
 history of one layer straight into the K/V tensor attention reads, in the compute dtype; that
 temporary is activation memory, not KV memory. (Keeping a dequantized copy between steps would be
-faster, and a lie about bytes.)
+faster, and a lie about bytes.) A decode step of a scheme that `fused_decode` covers skips the
+temporary: `update` hands the step to the attention call, which reads the stores in place.
 
 Growth: every store (the packed tiles, the tail) is a `RowRing`, rows preallocated in blocks, so
 an append writes only its new rows, in place, and tokens leave the front (into tiles, or out of a
@@ -42,12 +43,14 @@ sliding window bounds. So a 16-bit cache holds DynamicCache's values, not its by
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpareto.config import Config
+from kvpareto.quant import fused_decode
 from kvpareto.quant.pruning import ChunkView, TokenPruner, make_scorer
 from kvpareto.quant.tiles import Quantized, TileShape, dequantize, hadamard, quantize, tile_shape
 
@@ -291,6 +294,27 @@ class KVStream:
         skip = max(drop - self._tail.n, 0)
         self._tail.update(drop - skip, [new[..., skip:, :]])
 
+    @property
+    def rotation(self) -> torch.Tensor | None:
+        """The Hadamard matrix R the stored codes were rotated by (x R), if any."""
+        return self._rot
+
+    def first_visible(self) -> int:
+        """The first kept token that attention reads: where a sliding window starts, else 0."""
+        return self._keep_from()
+
+    def kernel_view(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The stores as the fused decode kernel reads them, in place: [codes, scale, zero, tail]
+        (empty tensors where absent) and [bits, tile tokens, tile channels, first tile's slot in
+        its ring, q_start, n_q, tail's first slot]."""
+        none = torch.empty(0)
+        held, start = [none, none, none], 0
+        if self._packed is not None:
+            held, start = self._packed.bufs + held[len(self._packed.bufs) :], self._packed.start
+        tile = self.spec.tile
+        layout = [self.spec.bits, tile.tokens, tile.channels, start, self.q_start, self.n_q]
+        return [*held, self._tail.bufs[0]], [*layout, self._tail.start]
+
     def tensors(self) -> list[torch.Tensor]:
         held = [] if self._packed is None else self._packed.tensors()
         held += [] if self._tail is None else self._tail.tensors()
@@ -401,7 +425,11 @@ def _quantized(held: list[torch.Tensor]) -> Quantized:
 
 
 class QuantizedKVLayer(CacheLayerMixin):
-    """One attention layer's cache: a K stream and a V stream, pruned on arrival if `pruner`."""
+    """One attention layer's cache: a K stream and a V stream, pruned on arrival if `pruner`.
+
+    With `fused`, a decode step of one sequence can be handed over to the fused kernel
+    (`fusable`, then `decode_attention`) instead of returning the dequantized history.
+    """
 
     is_croppable = False
     supports_early_init = False
@@ -413,9 +441,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         window: int | None,
         storage: torch.dtype,
         pruner: TokenPruner | None = None,
+        fused: bool = False,
     ):
         super().__init__()
         self.k_spec, self.v_spec, self.window = k_spec, v_spec, window
+        self.fused = fused and fused_decode.covers(k_spec, v_spec)
         self.storage = storage
         self.is_sliding = window is not None
         self.pruner = pruner
@@ -448,6 +478,26 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.k.append(key_states, n_new)
         self.v.append(value_states, n_new)
         return keys, values
+
+    def fusable(self, key_states: torch.Tensor) -> bool:
+        """Whether this update is a decode step that the fused kernel can serve: one token of one
+        sequence (a padded batch would need the mask), after a prefill, not pruned on arrival."""
+        batch, _, n_new, _ = key_states.shape
+        return (
+            self.fused
+            and self.is_initialized
+            and batch == 1
+            and n_new == 1
+            and (self.pruner is None or not self.pruner.prunes(self.k.total, 1))
+        )
+
+    def decode_attention(self, query, key_states, value_states, scaling: float) -> torch.Tensor:
+        """Attention of a decode step's query over the history and the new token, read from the
+        stores by the fused kernel; then the new token is stored, as `update` would have."""
+        out = fused_decode.attend(self.k, self.v, query, key_states, value_states, scaling)
+        self.k.append(key_states)
+        self.v.append(value_states)
+        return out
 
     def get_seq_length(self) -> int:
         return 0 if self.k is None else self.k.total
@@ -489,10 +539,17 @@ class QuantizedKVCache(Cache):
     """The cache for one sequence batch under one `Config`."""
 
     def __init__(
-        self, model_config, config: Config, dtype: torch.dtype, prompt_length: int | None = None
+        self,
+        model_config,
+        config: Config,
+        dtype: torch.dtype,
+        prompt_length: int | None = None,
+        fused: bool | None = None,
     ):
         """`dtype` is the storage dtype (what full-precision K/V are held in); `prompt_length`
-        tells pruning where the prompt ends, and is needed when prune_rate > 0."""
+        tells pruning where the prompt ends, and is needed when prune_rate > 0. `fused` says
+        whether decode steps may run the fused kernel (`kvpareto.quant.fused_decode`): None
+        for this machine's default, where the model runs the "kvpareto" attention."""
         cfg = model_config.get_text_config()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -504,22 +561,42 @@ class QuantizedKVCache(Cache):
                 raise ValueError("token pruning needs the prompt length: pass prompt_length")
             scorer = make_scorer(config.prune_scorer)
             self.pruner = TokenPruner(config.prune_rate, scorer, prompt_length)
+        windows = layer_windows(model_config)
+        specs = [stream_specs(config, i, self.head_dim, w, dtype) for i, w in enumerate(windows)]
+        if fused is None:  # the kernel is loaded (or built) only for a cache that can use it
+            fused = any(fused_decode.covers(*kv) for kv in specs)
+            fused = fused and fused_decode.enabled(model_config)
+        if fused and not fused_decode.installed(model_config):
+            raise ValueError("fused decode needs the model to run the kvpareto attention")
         layers = []
-        for idx, window in enumerate(layer_windows(model_config)):
-            k_spec, v_spec = stream_specs(config, idx, self.head_dim, window, dtype)
+        for window, (k_spec, v_spec) in zip(windows, specs, strict=True):
             pruner = self.pruner if window is None else None
-            layers.append(QuantizedKVLayer(k_spec, v_spec, window, dtype, pruner))
+            layers.append(QuantizedKVLayer(k_spec, v_spec, window, dtype, pruner, fused))
         super().__init__(layers=layers)
         self.peak_nbytes = 0  # measured: the most bytes held after any layer update
         self._held = 0
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
+        if layer.fusable(key_states):
+            # Nothing is stored yet: the attention call reads the stores, then stores the token.
+            setattr(key_states, fused_decode.HANDOFF, functools.partial(self._fused, layer_idx))
+            return key_states, value_states
         before = layer.nbytes()
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self._count(layer, before)
+        return out
+
+    def _fused(self, layer_idx: int, query, key_states, value_states, scaling: float):
+        layer = self.layers[layer_idx]
+        before = layer.nbytes()
+        out = layer.decode_attention(query, key_states, value_states, scaling)
+        self._count(layer, before)
+        return out
+
+    def _count(self, layer: QuantizedKVLayer, before: int) -> None:
         self._held += layer.nbytes() - before
         self.peak_nbytes = max(self.peak_nbytes, self._held)
-        return out
 
     def nbytes(self) -> int:
         """Measured: the sum of `nbytes` of every tensor the cache holds."""
