@@ -17,9 +17,30 @@ URL = os.environ.get("KVPARETO_TEST_POSTGRES_URL")
 CLI = [sys.executable, "-m", "kvpareto.cli"]
 
 
+@pytest.fixture
+def fresh_database():
+    """A new, empty database on the server for one test, dropped after it: two workers then
+    start on no tables at all, as on a new server, and race to create Optuna's schema."""
+    import psycopg
+
+    name = f"kvpareto_test_{uuid.uuid4().hex[:8]}"
+    base = URL.rsplit("/", 1)[0]
+    try:
+        with psycopg.connect(URL, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+    except psycopg.errors.InsufficientPrivilege:
+        pytest.skip("the test role cannot create databases (.ci/postgres.sh grants CREATEDB)")
+    yield f"{base}/{name}"
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
 @pytest.mark.skipif(not URL, reason="no PostgreSQL server (set KVPARETO_TEST_POSTGRES_URL)")
-def test_two_workers_share_one_postgres_study(tmp_path):
+def test_two_workers_share_one_postgres_study_started_on_an_empty_database(
+    tmp_path, fresh_database
+):
     study = f"pg{uuid.uuid4().hex[:8]}"
+    url = fresh_database
     n = 8
     cmd = [
         *CLI,
@@ -39,7 +60,7 @@ def test_two_workers_share_one_postgres_study(tmp_path):
         "--sampler",
         "random",
         "--storage",
-        URL,
+        url,
         "--study",
         study,
     ]
@@ -55,7 +76,8 @@ def test_two_workers_share_one_postgres_study(tmp_path):
     for p in procs:
         _, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, stderr[-2000:]
-    trials = optuna.load_study(study_name=f"{study}:tiny-llama", storage=URL).get_trials()
+    storage = optuna.storages.RDBStorage(url)
+    trials = optuna.load_study(study_name=f"{study}:tiny-llama", storage=storage).get_trials()
     finished = [t for t in trials if t.state.is_finished()]
     # Each worker stops once the study holds n; a trial already under way may finish after.
     assert n <= len(finished) <= n + 1

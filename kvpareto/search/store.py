@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from kvpareto.errors import UserError
@@ -39,7 +40,6 @@ def check_storage(url: str | None, workers: int) -> None:
 
 def resolve_storage(url: str | None, study_dir: Path, workers: int):
     """Return an Optuna storage (object or URL) for `url`, or the default for `workers`."""
-    import optuna
 
     check_storage(url, workers)
     if url is None:
@@ -59,12 +59,28 @@ def resolve_storage(url: str | None, study_dir: Path, workers: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         return _journal(path)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return _rdb(url)
     except ImportError:
         raise UserError("PostgreSQL storage needs psycopg: pip install 'psycopg[binary]'") from None
     except Exception as e:  # noqa: BLE001  (SQLAlchemy raises many kinds; all mean "cannot connect")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot open --storage {url}: {first}") from None
+
+
+def _rdb(url: str, attempts: int = 3):
+    """Optuna's RDB storage at `url`. Workers that start together on an empty database all
+    create Optuna's tables, and the losers hit a unique constraint (pg_type); the tables exist
+    once the winner is done, so a loser retries."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except IntegrityError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
 
 
 def _journal(path: Path):
