@@ -25,6 +25,7 @@ from kvpareto.config import Config
 from kvpareto.engine import prefill
 from kvpareto.hf_compat import with_cache
 from kvpareto.quant.adaptive import make_cache
+from kvpareto.quant.packed_linear import resolve_kernel_paths
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _marked_updates(cache, held: list[set[int]]):
 
 
 def _storages(layer) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in layer.k.tensors() + layer.v.tensors()}
+    return {t.untyped_storage().data_ptr() for t in layer.tensors()}
 
 
 def _mark_all(cache, held: list[set[int]]) -> None:
@@ -184,6 +185,9 @@ def measure_prefill(model, input_ids: torch.Tensor, config: Config) -> tuple[int
     cache = make_cache(model, config, dtype, prompt_length=input_ids.shape[1])
     if input_ids.device.type == "cuda":
         return _cuda_peak(model, input_ids, cache, config)
+    # A packed layer probes its kernel paths at its first call on a machine; a probe inside the
+    # profiled run would count its scratch as activation, so it happens now.
+    resolve_kernel_paths(model)
     held: list[set[int]] = []
     # Kineto logs "profiler_start/stop" lines straight to stderr at every profile, below any
     # level Python controls; 6 is past its highest level, so it stays quiet unless a user asks.

@@ -277,8 +277,12 @@ class AdaptiveKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.pools, self.total, self.is_initialized = {}, 0, False
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layer's pools hold (their buffers, slack included)."""
+        return [t for pool in self.pools.values() for t in pool.tensors()]
+
     def nbytes(self) -> int:
-        return sum(t.nbytes for pool in self.pools.values() for t in pool.tensors())
+        return sum(t.nbytes for t in self.tensors())
 
 
 class AdaptiveKVCache(Cache):

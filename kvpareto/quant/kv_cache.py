@@ -522,6 +522,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.k = self.v = None
         self.is_initialized = False
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layer's K and V streams hold (their buffers, slack included)."""
+        return [] if self.k is None else self.k.tensors() + self.v.tensors()
+
     def nbytes(self) -> int:
         return 0 if self.k is None else self.k.nbytes() + self.v.nbytes()
 

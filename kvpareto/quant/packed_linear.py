@@ -271,6 +271,18 @@ def call_path(bits: int, shape, group: int, dtype: torch.dtype, rows: int) -> st
     return kernel_path(bits, dtype, rows) if ok else "dequantize"
 
 
+def resolve_kernel_paths(model: torch.nn.Module) -> None:
+    """Probe (or read back) now every path choice a forward pass of `model` will ask for, in the
+    dtype it computes in, so that no probe runs inside a later, measured forward pass."""
+    from kvpareto.models.storage_dtype import compute_dtype
+
+    dtype = compute_dtype(model)
+    bits = {m.bits for m in model.modules() if isinstance(m, PackedLinear) and m.kernel_ok}
+    for b in bits:
+        for phase in _PROBE_ROWS:
+            kernel_choice(b, dtype, phase)
+
+
 def kernel_path(bits: int, dtype: torch.dtype, rows: int) -> str:
     """The fastest path measured on this machine for `bits`-bit weights, `dtype` activations
     and a call of `rows` rows (decode or prefill)."""
