@@ -112,12 +112,9 @@ def attend(k, v, query, k_new, v_new, scaling: float) -> torch.Tensor:
 
 def isa() -> tuple[str, list[str]]:
     """The widest instruction set this CPU has that the kernel is built for, and its flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        line = ""
-    have = set(line.partition(":")[2].split())
+    from kvpareto.hardware import cpu_flags
+
+    have = set(cpu_flags().split())
     for name, (needs, flags) in _ISA.items():
         if needs <= have:
             return name, flags
