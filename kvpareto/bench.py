@@ -25,8 +25,8 @@ from transformers import DynamicCache
 from kvpareto.config import Config
 from kvpareto.engine import prefill
 from kvpareto.hf_compat import with_cache
-from kvpareto.memory import measure_prefill
-from kvpareto.quant.kv_cache import QuantizedKVCache
+from kvpareto.kv.static import QuantizedKVCache
+from kvpareto.memory.measure import measure_prefill
 
 KV_BITS = (16, 8, 4, 2)
 CHUNKS = (0, 256, 512, 1024)
@@ -165,9 +165,9 @@ def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> li
     """
     import copy
 
-    from kvpareto.memory import weights_bytes_measured
-    from kvpareto.quant.packed_linear import kernel_summary
-    from kvpareto.quant.weights import QUANTIZERS, calibration_ids
+    from kvpareto.memory.measure import weights_bytes_measured
+    from kvpareto.weights.packed_linear import kernel_summary
+    from kvpareto.weights.quantize import QUANTIZERS, calibration_ids
 
     base = loaded.model
     dtype = next(base.parameters()).dtype
@@ -212,7 +212,7 @@ def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> li
 
 def prune_bench(loaded, length: int, samples: int, log=print) -> list[dict]:
     """NIAH accuracy and measured KV bytes against prune rate (SnapKV-style scores, k4v4)."""
-    from kvpareto.trial import run_trial
+    from kvpareto.evaluation.trial import run_trial
 
     rows = []
     for rate in PRUNE_RATES:
@@ -243,8 +243,8 @@ def reuse_bench(loaded, length: int, samples: int, log=print) -> dict:
     prefill store disabled, the warm one after a 16-bit trial has recorded the prompts. Results
     are identical (tests/test_prefill_reuse.py); only the time differs.
     """
+    from kvpareto.evaluation.trial import run_trial
     from kvpareto.prefill_reuse import STORE
-    from kvpareto.trial import run_trial
 
     config = Config(k_bits=4, v_bits=2, k_granularity="per-channel", residual_length=32)
 

@@ -194,13 +194,13 @@ def eval_command(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from kvpareto.tasks import get_task
-    from kvpareto.trial import run_trial
+    from kvpareto.evaluation import get_task
+    from kvpareto.evaluation.trial import run_trial
 
     for name in task_names:
         get_task(name)
     if config.kv_scheme == "adaptive":  # a bad controller file fails before the model loads
-        from kvpareto.quant.controller import load_controller
+        from kvpareto.kv.controller import load_controller
 
         load_controller(config.kv_scheme, config.controller)
     if threads:
@@ -419,9 +419,9 @@ def search_command(
         TimeRemainingColumn,
     )
 
+    from kvpareto.evaluation import get_task
+    from kvpareto.search.space import load_space
     from kvpareto.search.study import SearchSettings, run_search
-    from kvpareto.space import load_space
-    from kvpareto.tasks import get_task
 
     task_names = [t.strip() for t in tasks.split(",") if t.strip()]
     for name in task_names:
@@ -490,7 +490,7 @@ def lm_eval_command(ctx: typer.Context) -> None:
     Example: kvpareto lm-eval --model kvpareto --model_args model=smollm2-135m,k_bits=4,v_bits=4
     --tasks niah_single_1 --metadata max_seq_lengths=[1024] --limit 5
     """
-    from kvpareto.lmeval_bridge import main as lm_eval_main
+    from kvpareto.evaluation.lmeval.bridge import main as lm_eval_main
 
     lm_eval_main(ctx.args)
 
@@ -502,7 +502,7 @@ def build_kernels_command() -> None:
 
     Example: kvpareto build-kernels
     """
-    from kvpareto.quant import fused_decode
+    from kvpareto.kv import fused_decode
 
     if fused_decode.kernel() is None:
         raise typer.Exit(1)
@@ -732,7 +732,7 @@ def controller_train(
     """
     import torch
 
-    from kvpareto.calibrate import train_controller
+    from kvpareto.evaluation.controller_training import train_controller
     from kvpareto.models import load_model
 
     if threads:

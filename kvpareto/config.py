@@ -21,7 +21,7 @@ GROUP_SIZES = (32, 64, 128)
 ROTATIONS = ("none", "hadamard")
 WEIGHT_METHODS = ("none", "int8", "int4", "awq4")
 WEIGHT_GROUP_SIZES = (32, 64, 128)
-# "native" is kvpareto's own AWQ (kvpareto/quant/awq.py); the others are external packages that
+# "native" is kvpareto's own AWQ (kvpareto/weights/awq.py); the others are external packages that
 # run only where they install (see that module for why native is the default).
 AWQ_BACKENDS = ("native", "llmcompressor", "autoawq")
 PRUNE_SCORERS = ("snapkv", "knorm", "streaming", "random")

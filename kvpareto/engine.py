@@ -3,7 +3,7 @@
 Prefill feeds the prompt in chunks of `chunk_size` tokens (0 = one chunk) through a fresh
 `QuantizedKVCache`, asking for the last position's logits only (full logits would dominate the
 activation peak). With token pruning, the prompt's tokens are evicted chunk by chunk as they
-arrive (`kvpareto.quant.pruning`), and a scorer that needs queries gets them from hooks that live
+arrive (`kvpareto.kv.pruning`), and a scorer that needs queries gets them from hooks that live
 only as long as the prefill. Decode then appends one greedy token at a time until an
 end-of-sequence token, a stop string, or `max_new_tokens`. A one-chunk prefill into a static,
 unpruned cache is computed once per model and prompt and replayed into later caches
@@ -19,10 +19,10 @@ import torch
 
 from kvpareto.config import Config, LayerBits
 from kvpareto.hf_compat import with_cache
+from kvpareto.kv.adaptive import make_cache
+from kvpareto.kv.pruning import observe_queries
+from kvpareto.kv.static import QuantizedKVCache
 from kvpareto.prefill_reuse import STORE, record_prefill, replay_prefill, reusable
-from kvpareto.quant.adaptive import make_cache
-from kvpareto.quant.kv_cache import QuantizedKVCache
-from kvpareto.quant.pruning import observe_queries
 
 # Bumped when teacher-forced scoring changes what it returns; it enters the cache keys of what
 # is scored that way (perplexity, lm-eval loglikelihoods). 2: blocks of at most the residual

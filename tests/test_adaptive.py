@@ -10,19 +10,19 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvpareto.calibrate import attention_error, fit_controller, label_tokens
+from kvpareto.codec import TileShape, dequantize, quantize
 from kvpareto.config import Config
 from kvpareto.engine import generate
 from kvpareto.errors import UserError
+from kvpareto.evaluation.controller_training import attention_error, fit_controller, label_tokens
+from kvpareto.evaluation.trial import run_trial
 from kvpareto.hf_compat import with_cache
+from kvpareto.kv.adaptive import AdaptiveKVLayer, _Pool, make_cache, quota
+from kvpareto.kv.controller import RuleController, load_controller, water_fill
+from kvpareto.kv.features import FEATURES, frequency_counts
 from kvpareto.models import load_model
-from kvpareto.quant.adaptive import AdaptiveKVLayer, _Pool, make_cache, quota
-from kvpareto.quant.controller import RuleController, load_controller, water_fill
-from kvpareto.quant.tiles import TileShape, dequantize, quantize
-from kvpareto.quant.token_features import FEATURES, frequency_counts
-from kvpareto.space import canonical
+from kvpareto.search.space import canonical
 from kvpareto.tasks import get_task
-from kvpareto.trial import run_trial
 
 GLOBAL_TINY = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
 

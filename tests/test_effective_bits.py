@@ -7,9 +7,9 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.engine import prefill
-from kvpareto.quant.adaptive import make_cache
+from kvpareto.evaluation.trial import run_trial
+from kvpareto.kv.adaptive import make_cache
 from kvpareto.tasks import TASKS, Task
-from kvpareto.trial import run_trial
 
 # Known answers at 64 tokens: bf16 holds 16 bits a value; int4 per-token in groups of 32 adds an
 # fp16 scale and zero (32 bits) per 32 values, 4 + 1 = 5 bits; a 16-token bf16 tail of 64 tokens

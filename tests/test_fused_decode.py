@@ -18,9 +18,9 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.hf_compat import with_cache
+from kvpareto.kv import fused_decode
+from kvpareto.kv.static import QuantizedKVCache
 from kvpareto.models import load_model
-from kvpareto.quant import fused_decode
-from kvpareto.quant.kv_cache import QuantizedKVCache
 from tests.conftest import TINY
 
 SCHEMES = [

@@ -19,8 +19,8 @@ import pytest
 
 from kvpareto.config import Config
 from kvpareto.search.outputs import write_outputs
+from kvpareto.search.space import load_space
 from kvpareto.search.study import SearchSettings, eval_key, run_search
-from kvpareto.space import load_space
 
 GOLDEN = Path(__file__).parent / "data" / "golden_smoke"
 SPACES = Path(__file__).parent.parent / "search_spaces"

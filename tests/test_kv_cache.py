@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpareto.codec import dequantize, quantize, tile_shape
 from kvpareto.config import Config
 from kvpareto.hf_compat import with_cache
-from kvpareto.quant.kv_cache import KVStream, QuantizedKVCache, StreamSpec
-from kvpareto.quant.tiles import dequantize, quantize, tile_shape
+from kvpareto.kv.static import KVStream, QuantizedKVCache, StreamSpec
 from tests.conftest import TINY
 
 

@@ -24,14 +24,14 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from kvpareto.lmeval_bridge import (  # noqa: E402
+from kvpareto.evaluation.lmeval.bridge import (  # noqa: E402
     KVParetoLM,
     config_from_args,
     evaluate_task,
     tokenizer_folder,
 )
-from kvpareto.tasks.lm_eval_tasks.kvpareto_niah_mc import documents  # noqa: E402
-from kvpareto.trial import run_trial  # noqa: E402
+from kvpareto.evaluation.lmeval.local_tasks.kvpareto_niah_mc import documents  # noqa: E402
+from kvpareto.evaluation.trial import run_trial  # noqa: E402
 
 
 def _loglikelihoods(lm, pairs) -> list[float]:

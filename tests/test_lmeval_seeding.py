@@ -57,7 +57,7 @@ def documents(**_):
 BUILD = """
 import json, sys
 from pathlib import Path
-import kvpareto.lmeval_bridge as bridge
+import kvpareto.evaluation.lmeval.bridge as bridge
 bridge.LOCAL_TASKS = Path(sys.argv[1])
 task = bridge.load_task("global_draws", "unused", 256, int(sys.argv[2]))["tasks"]["global_draws"]
 print(json.dumps([doc["input"] for doc in task.test_docs()]))

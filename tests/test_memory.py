@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kvpareto.config import Config
-from kvpareto.memory import measure_prefill, weights_bytes_measured, weights_bytes_modeled
-from kvpareto.memory_model import modeled_activation_peak
-from kvpareto.quant.kv_cache import QuantizedKVCache
+from kvpareto.kv.static import QuantizedKVCache
+from kvpareto.memory.measure import measure_prefill, weights_bytes_measured, weights_bytes_modeled
+from kvpareto.memory.model import modeled_activation_peak
 from tests.conftest import TINY
 
 # One tolerance for every modeled-vs-measured point (the grid below, packed weights): the
@@ -67,7 +67,7 @@ def test_packed_weight_temporaries_are_measured_and_modeled(smollm2, weights):
     allocator level, decode step included, with a fresh probe (prefill: dequantize for both):
     unquantized 2.02 MB; int4 3.02 MB; int8 2.46 MB against 2.05 MB modeled (the model counts one
     full-size temporary for int8's dequantization; the 0.4 MB more is not yet explained)."""
-    from kvpareto.quant.weights import quantized_model
+    from kvpareto.weights.quantize import quantized_model
 
     cfg = Config(weights=weights, k_bits=4, v_bits=4, chunk_size=32)
     model = quantized_model(smollm2, cfg).model

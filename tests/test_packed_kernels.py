@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from kvpareto.config import Config
-from kvpareto.memory import weights_bytes_measured, weights_bytes_modeled
-from kvpareto.quant import int4pack
-from kvpareto.quant import packed_linear as pl
-from kvpareto.quant import weights as weights_module
-from kvpareto.quant.packed_linear import (
+from kvpareto.memory.measure import weights_bytes_measured, weights_bytes_modeled
+from kvpareto.weights import int4pack
+from kvpareto.weights import packed_linear as pl
+from kvpareto.weights import quantize as weights_module
+from kvpareto.weights.packed_linear import (
     PATHS,
     Int4PackLinear,
     Int8PackLinear,
@@ -24,7 +24,7 @@ from kvpareto.quant.packed_linear import (
     kernel_choice,
     kernel_summary,
 )
-from kvpareto.quant.weights import quantized_model
+from kvpareto.weights.quantize import quantized_model
 
 needs_int4pack = pytest.mark.skipif(int4pack.layout() is None, reason="no int4pack in this build")
 
@@ -67,7 +67,7 @@ def test_int4pack_layout_is_detected_and_inverted_for_other_isas(capability):
     """torch packs nibbles in an ISA-specific order; a process dispatched for another ISA must
     find its own order (and get a different weight cache key)."""
     code = (
-        "import torch; from kvpareto.quant import int4pack as p;"
+        "import torch; from kvpareto.weights import int4pack as p;"
         "q = torch.randint(0, 16, (112, 64), dtype=torch.uint8);"
         "print(p.layout(), torch.equal(p.unpack(p.pack(q), p.layout()), q))"
     )

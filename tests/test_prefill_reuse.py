@@ -8,8 +8,8 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.engine import generate
+from kvpareto.evaluation.trial import run_trial
 from kvpareto.prefill_reuse import STORE, PrefillStore, _Record, reusable
-from kvpareto.trial import run_trial
 from tests.conftest import TINY
 
 RECORDER = Config(k_bits=8, v_bits=8)  # any reusable config records the prompt's forward pass

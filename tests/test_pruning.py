@@ -14,10 +14,7 @@ from kvpareto.config import Config
 from kvpareto.engine import generate, prefill
 from kvpareto.errors import UserError
 from kvpareto.hf_compat import with_cache
-from kvpareto.memory import measure_prefill
-from kvpareto.models.tiny import build_tiny
-from kvpareto.quant.kv_cache import BLOCK_TOKENS, QuantizedKVCache
-from kvpareto.quant.pruning import (
+from kvpareto.kv.pruning import (
     ChunkView,
     KeyNorm,
     Random,
@@ -26,6 +23,9 @@ from kvpareto.quant.pruning import (
     TokenPruner,
     observe_queries,
 )
+from kvpareto.kv.static import BLOCK_TOKENS, QuantizedKVCache
+from kvpareto.memory.measure import measure_prefill
+from kvpareto.models.tiny import build_tiny
 from kvpareto.tasks import get_task
 from tests.conftest import TINY
 

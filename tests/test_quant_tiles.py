@@ -7,8 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpareto.config import GRANULARITIES
-from kvpareto.quant.tiles import (
+from kvpareto.codec import (
     dequantize,
     hadamard,
     pack,
@@ -16,6 +15,7 @@ from kvpareto.quant.tiles import (
     tile_shape,
     unpack,
 )
+from kvpareto.config import GRANULARITIES
 
 BITS = (2, 4, 8)
 

@@ -7,9 +7,9 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.engine import generate
+from kvpareto.evaluation.trial import run_trial
 from kvpareto.stats import mcnemar_exact, wilson
 from kvpareto.tasks import get_task
-from kvpareto.trial import run_trial
 
 KIVI = Config(
     k_bits=2, v_bits=2, k_granularity="per-channel", v_granularity="per-token", residual_length=32

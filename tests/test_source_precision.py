@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from kvpareto.config import Config
+from kvpareto.evaluation.trial import run_trial
 from kvpareto.models import CATALOG, load_model, loader, sources
 from kvpareto.models.precision import (
     FLOAT,
@@ -28,18 +29,17 @@ from kvpareto.models.precision import (
     from_gguf,
     from_quantization_config,
 )
-from kvpareto.quant.packed_linear import PackedLinear
-from kvpareto.quant.source_grid import (
+from kvpareto.report import build_report
+from kvpareto.search.outputs import GRID_NOTE
+from kvpareto.search.study import SearchSettings, run_search
+from kvpareto.weights.packed_linear import PackedLinear
+from kvpareto.weights.source_grid import (
     REBUILT,
     aligned_groups,
     measured_block,
     reproduces_source_grid,
     rounding_noise_ratio,
 )
-from kvpareto.report import build_report
-from kvpareto.search.outputs import GRID_NOTE
-from kvpareto.search.study import SearchSettings, run_search
-from kvpareto.trial import run_trial
 
 CLI = [sys.executable, "-m", "kvpareto.cli"]
 Q4_1 = SourcePrecision(

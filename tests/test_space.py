@@ -7,7 +7,7 @@ import pytest
 
 from kvpareto.config import Config
 from kvpareto.errors import UserError
-from kvpareto.space import canonical, load_space
+from kvpareto.search.space import canonical, load_space
 
 
 def _trial(seed=0):

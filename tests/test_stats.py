@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from kvpareto.config import Config
+from kvpareto.evaluation.trial import run_trial
 from kvpareto.stats import bootstrap, mcnemar_exact, mean_interval, wilson
 from kvpareto.tasks import TASKS, Task
-from kvpareto.trial import run_trial
 
 
 def test_right_wrong_outcomes_get_the_wilson_interval():

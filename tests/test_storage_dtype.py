@@ -9,12 +9,12 @@ from kvpareto.config import Config
 from kvpareto.engine import generate, prefill
 from kvpareto.errors import UserError
 from kvpareto.hardware import auto_compute_dtype, resolve_compute_dtype
-from kvpareto.memory import measure_prefill, weights_bytes_measured, weights_bytes_modeled
-from kvpareto.memory_model import modeled_activation_peak
+from kvpareto.kv.adaptive import make_cache
+from kvpareto.memory.measure import measure_prefill, weights_bytes_measured, weights_bytes_modeled
+from kvpareto.memory.model import modeled_activation_peak
 from kvpareto.models import load_model
 from kvpareto.models.storage_dtype import CastLinear, compute_dtype, compute_in, storage_dtype
-from kvpareto.quant.adaptive import make_cache
-from kvpareto.quant.weights import quantized_model
+from kvpareto.weights.quantize import quantized_model
 from tests.conftest import TINY
 
 AVX2_EPYC = "fpu vme de pse tsc msr pae mce cx8 apic sse sse2 ssse3 fma sse4_1 sse4_2 avx avx2"

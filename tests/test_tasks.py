@@ -10,13 +10,13 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.errors import UserError
+from kvpareto.evaluation.trial import run_trial
 from kvpareto.models.tiny import byte_tokenizer
 from kvpareto.tasks import Sample, get_task, niah
 from kvpareto.tasks.prose import prose_words
 from kvpareto.tasks.qa import token_f1
 from kvpareto.tasks.ruler import ListSample
 from kvpareto.tasks.text import VOCAB
-from kvpareto.trial import run_trial
 
 # Every NIAH variant with every needle kind and haystack, by full name (defaults spelled out).
 NIAH = [

@@ -10,15 +10,15 @@ import torch
 from kvpareto.config import Config
 from kvpareto.engine import generate
 from kvpareto.errors import UserError
-from kvpareto.memory import weights_bytes_measured, weights_bytes_modeled
-from kvpareto.quant import weights as weights_module
-from kvpareto.quant.packed_linear import PackedLinear, weight_group
-from kvpareto.quant.weights import (
+from kvpareto.memory.measure import weights_bytes_measured, weights_bytes_modeled
+from kvpareto.tasks import get_task
+from kvpareto.weights import quantize as weights_module
+from kvpareto.weights.packed_linear import PackedLinear, weight_group
+from kvpareto.weights.quantize import (
     calibration_ids,
     linear_output_errors,
     quantized_model,
 )
-from kvpareto.tasks import get_task
 
 
 def test_int4_known_answer_on_a_hand_made_row():

@@ -111,8 +111,8 @@ def load_model(
 
     The float weights are held in `storage_dtype` (default: `dtype`) and the model computes in
     `dtype`, casting each weight as it is used when the two differ (`precision.compute_in`). Its
-    attention is SDPA's, but for decode steps that our cache fuses (`quant.fused_decode`)."""
-    from kvpareto.quant import fused_decode
+    attention is SDPA's, but for decode steps that our cache fuses (`kv.fused_decode`)."""
+    from kvpareto.kv import fused_decode
 
     loaded = _load(ref, storage_dtype or dtype)
     compute_in(loaded.model, dtype)

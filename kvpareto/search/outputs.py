@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kvpareto.search.frontier import Point, hypervolume, indistinguishable, knee, pareto_front
 
-# What a weight config that rebuilds its source grid (`quant.source_grid`) is flagged with.
+# What a weight config that rebuilds its source grid (`weights.source_grid`) is flagged with.
 GRID_NOTE = "reproduces the source grid; its accuracy cost is not a 16→4-bit cost"
 
 

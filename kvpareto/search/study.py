@@ -34,8 +34,8 @@ from pathlib import Path
 from kvpareto.config import Config
 from kvpareto.errors import UserError
 from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
+from kvpareto.search.space import SearchSpace, canonical
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
-from kvpareto.space import SearchSpace, canonical
 
 SAMPLERS = ("nsga2", "tpe", "gp", "grid", "random")
 OBJECTIVES = ("memory", "accuracy", "latency")
@@ -114,7 +114,7 @@ class SearchSettings:
 
 def eval_key(config: Config, model_hash: str, s: SearchSettings) -> str:
     """Identity of one evaluation: the trial cache key (task hashes enter through tasks+lengths)."""
-    from kvpareto.tasks import get_task
+    from kvpareto.evaluation import get_task
 
     tasks = [get_task(t).task_hash(s.task_lengths, s.samples, s.seed) for t in s.tasks]
     identity = [config.key(), model_hash, tasks, s.context_length, s.compute.name]
@@ -126,7 +126,7 @@ def eval_key(config: Config, model_hash: str, s: SearchSettings) -> str:
 
         identity.append(f"perplexity of {source()}, scoring v{SCORING_VERSION}")
     if config.kv_scheme == "adaptive":  # the controller file's contents, not just its name
-        from kvpareto.quant.controller import controller_hash
+        from kvpareto.kv.controller import controller_hash
 
         identity.append(controller_hash(config.controller))
     blob = json.dumps(identity, sort_keys=True)
@@ -259,7 +259,7 @@ class Search:
         """On weights stored on a 4-bit grid upstream, an int4 group equal to the source block
         rebuilds that grid, and its accuracy cost is not a 16->4-bit cost: leave it out. Every
         worker decides the same from the same weights, so they share one space."""
-        from kvpareto.quant.source_grid import aligned_groups
+        from kvpareto.weights.source_grid import aligned_groups
 
         if not {"int4", "awq4"} & set(self.space.choices.get("weights", ())):
             return
@@ -271,8 +271,8 @@ class Search:
         self.space = narrowed
 
     def objective(self, trial):
-        from kvpareto.quant.source_grid import reproduces_source_grid
-        from kvpareto.trial import run_trial
+        from kvpareto.evaluation.trial import run_trial
+        from kvpareto.weights.source_grid import reproduces_source_grid
 
         fixed = trial.user_attrs.get("fixed_config")
         n_layers = self.loaded.model.config.get_text_config().num_hidden_layers
@@ -355,7 +355,7 @@ class _EventStop:
 def _worker(settings: SearchSettings, n_trials: int | None, stop_event) -> None:
     """Entry point of one local worker process (spawned): run its share of trials, or, on a
     shared PostgreSQL study, trials until the study holds `settings.trials`."""
-    from kvpareto.space import load_space
+    from kvpareto.search.space import load_space
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     search = Search(settings, load_space(settings.space_path))
@@ -369,7 +369,7 @@ def run_search(settings: SearchSettings, command: list[str], progress=None) -> d
     `progress(done, total, summary, last_label)` is called after every finished trial.
     """
     from kvpareto.search.outputs import frontier_summary, study_facts, trial_rows, write_outputs
-    from kvpareto.space import load_space
+    from kvpareto.search.space import load_space
 
     settings.validate()
     space = load_space(settings.space_path)

@@ -6,7 +6,9 @@ A task is a small class with `samples(tokenizer, context_length, n, seed)` and
 chosen as name suffixes: `niah-mv:uuid:prose` is `niah-mv` with `needle=uuid, haystack=prose`.
 A value left at its default is dropped from the canonical name (`niah:number` is `niah`), so
 adding an option keeps every existing name, trial cache key and task hash.
-`lm-eval:NAME` is an lm-evaluation-harness task (`tasks.lmeval`), which runs itself.
+A task family claims every name with its prefix: `lm-eval:NAME` is an lm-evaluation-harness
+task, registered from `kvpareto.evaluation.lmeval.task` (tasks stay a leaf: they know nothing of
+lm-eval, models or quantization).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from kvpareto.errors import UserError
 
 TASKS: dict[str, type] = {}
+FAMILIES: dict[str, object] = {}  # name prefix -> factory(rest of the name) -> Task
 
 
 @dataclass
@@ -81,12 +84,24 @@ def register_task(name: str):
     return wrap
 
 
+def register_family(prefix: str):
+    """Claim every task name that starts with `prefix` (e.g. "lm-eval:") for one factory."""
+
+    def wrap(factory):
+        if prefix in FAMILIES:
+            raise ValueError(f"task family {prefix!r} is registered twice")
+        FAMILIES[prefix] = factory
+        return factory
+
+    return wrap
+
+
 def get_task(name: str) -> Task:
     from kvpareto.tasks import agreement, niah, qa, ruler, vt  # noqa: F401  (they register)
-    from kvpareto.tasks.lmeval import PREFIX, LMEvalTask
 
-    if name.startswith(PREFIX):
-        return LMEvalTask(name.removeprefix(PREFIX))
+    for prefix, factory in FAMILIES.items():
+        if name.startswith(prefix):
+            return factory(name.removeprefix(prefix))
 
     base, *values = name.split(":")
     if base not in TASKS:

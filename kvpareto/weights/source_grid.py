@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from kvpareto.codec import TileShape, dequantize, quantize
 from kvpareto.config import Config
-from kvpareto.quant.awq import decoder_layers
-from kvpareto.quant.packed_linear import weight_group
-from kvpareto.quant.tiles import TileShape, dequantize, quantize
-from kvpareto.quant.weights import QUANTIZERS
+from kvpareto.weights.awq import decoder_layers
+from kvpareto.weights.packed_linear import weight_group
+from kvpareto.weights.quantize import QUANTIZERS
 
 SAMPLE_ROWS = 64  # blocks run along the input, so a few output rows show them all
 # Round-trip error over rounding noise: about (g - 2) / g for float weights (each group's minimum

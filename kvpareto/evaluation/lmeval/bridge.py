@@ -42,6 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from kvpareto.config import Config  # noqa: E402
 from kvpareto.engine import generate, score_tokens  # noqa: E402
 from kvpareto.errors import UserError  # noqa: E402
+from kvpareto.evaluation.lmeval.task import LOCAL_TASKS  # noqa: E402
 from kvpareto.hardware import (  # noqa: E402
     COMPUTE_DTYPES,
     STORAGE_DTYPES,
@@ -49,7 +50,6 @@ from kvpareto.hardware import (  # noqa: E402
     resolve_compute_dtype,
 )
 from kvpareto.models import DEFAULT_MODEL, LoadedModel, load_model, pull, resolve_ref  # noqa: E402
-from kvpareto.tasks.lmeval import LOCAL_TASKS  # noqa: E402
 
 
 @register_model("kvpareto")
@@ -76,7 +76,7 @@ class KVParetoLM(HFLM):
         if str(batch_size) != "1":
             raise UserError(f"the kvpareto model runs one request at a time; got {batch_size=}")
         if loaded is None:
-            from kvpareto.quant.weights import quantized_model
+            from kvpareto.weights.quantize import quantized_model
 
             config = config_from_args(knobs)
             compute = resolve_compute_dtype(dtype_choice(dtype, "dtype", COMPUTE_DTYPES))

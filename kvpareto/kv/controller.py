@@ -2,13 +2,14 @@
 
 A controller has two duties. `score(features)` ranks tokens (higher = needs more bits), and
 `mix(target)` says what fraction of tokens each width {2, 4, 8, 16} gets so that the mean is
-`target_mean_bits`. The adaptive cache (quant/adaptive.py) hands out each write's quota of every
+`target_mean_bits`. The adaptive cache (kv/adaptive.py) hands out each write's quota of every
 width by rank, widest first.
 
 - `LearnedController` (kv_scheme adaptive), after "Don't Waste Bits!" (arXiv 2604.04722): a
-  compact MLP maps the token features (quant/token_features.py) to the probability of each
+  compact MLP maps the token features (kv/features.py) to the probability of each
   width being the smallest that keeps the layer's attention output error under a threshold (the
-  calibration label, see kvpareto/calibrate.py). Its score is the expected log2 width. Its mix
+  calibration label, see evaluation/controller_training.py). Its score is the expected log2
+width. Its mix
   comes from its own scores on the calibration tokens: shift every token's need by one common
   offset until the mean width meets the target (water-filling in log2 bits), so a controller
   that found most tokens cheap spends the budget on a few wide ones.
@@ -19,7 +20,7 @@ width by rank, widest first.
 
 Controller files are `torch.save`d dicts (format "kvpareto-controller", a version, the feature
 names, MLP weights, feature standardization, score quantiles). A name resolves to
-kvpareto/quant/controllers/NAME.pt; anything else is a path.
+kvpareto/kv/controllers/NAME.pt; anything else is a path.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from kvpareto.errors import UserError
-from kvpareto.quant.token_features import FEATURES
+from kvpareto.kv.features import FEATURES
 
 WIDTHS = (2, 4, 8, 16)
 FORMAT, VERSION = "kvpareto-controller", 1

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpareto.quant.tiles import TileShape, dequantize, quantize
+from kvpareto.codec import TileShape, dequantize, quantize
 
 FEATURES = (
     "log_freq",

@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 from kvpareto.config import Config
-from kvpareto.quant import int4pack
-from kvpareto.quant.awq_backends import check_backend
-from kvpareto.quant.packed_linear import LAYOUTS, PackedLinear, weight_group
+from kvpareto.weights import int4pack
+from kvpareto.weights.awq_backends import check_backend
+from kvpareto.weights.packed_linear import LAYOUTS, PackedLinear, weight_group
 
 CACHE_FORMAT = 3  # 3: kernel layouts (int4pack, int8 codes, bf16 scales)
 CALIBRATION_SEQS = 8
@@ -72,7 +72,7 @@ class WeightQuantizer:
 @dataclass(frozen=True)
 class AWQQuantizer(WeightQuantizer):
     def quantize(self, model, group: int, calibration, progress: Progress | None) -> dict:
-        from kvpareto.quant.awq import apply_awq
+        from kvpareto.weights.awq import apply_awq
 
         scales = apply_awq(model, calibration, lambda width: weight_group(group, width), progress)
         super().quantize(model, group, calibration, None)
@@ -169,7 +169,7 @@ def linear_output_errors(base, quantized, ids: torch.Tensor) -> dict[str, float]
 
 def _decoder_linears(model):
     """(name, parent module, attribute, linear) for every nn.Linear inside the decoder layers."""
-    from kvpareto.quant.awq import decoder_layers
+    from kvpareto.weights.awq import decoder_layers
 
     found = []
     for i, layer in enumerate(decoder_layers(model)):
@@ -200,7 +200,7 @@ def _save(model, info: dict, folder: Path) -> None:
     """Write every decoder tensor (packed buffers, folded norms) to a temp dir, then rename."""
     from safetensors.torch import save_file
 
-    from kvpareto.quant.awq import decoder_layers
+    from kvpareto.weights.awq import decoder_layers
 
     layers = decoder_layers(model)
     tensors = {k: v.contiguous() for k, v in layers.state_dict().items()}
@@ -229,7 +229,7 @@ def _save(model, info: dict, folder: Path) -> None:
 def _load(base, folder: Path):
     from safetensors.torch import load_file
 
-    from kvpareto.quant.awq import decoder_layers
+    from kvpareto.weights.awq import decoder_layers
 
     meta = json.loads((folder / "weights.json").read_text())
     tensors = load_file(str(folder / "weights.safetensors"))

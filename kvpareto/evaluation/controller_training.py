@@ -3,7 +3,7 @@
 Calibration prompts are the seeded task generators (niah, qa, vt, niah-mk) at seed 1000 + s, so
 they never coincide with evaluation prompts (seed 0 unless asked). Each prompt is prefilled in
 one chunk through an all-16-bit adaptive cache whose observer sees every layer's write: the
-token features (quant/token_features.py), and the label.
+token features (kv/features.py), and the label.
 
 Label. For each token and width w in {2, 4, 8}: quantize that token's K and V alone at w (as the
 cache would), and measure the relative change of the layer's attention output for the prompt's
@@ -14,7 +14,7 @@ forward. The label is the smallest w whose error stays under `threshold`, else 1
 
 Fit. Features are standardized; a 2-hidden-layer MLP (32 units) is trained by cross-entropy on
 the labels (Adam, seeded); the file keeps 64 quantiles of its scores on the calibration tokens,
-which set the width mix for a target (quant/controller.py). Seeded, so re-running the command
+which set the width mix for a target (kv/controller.py). Seeded, so re-running the command
 gives the same file up to float non-determinism across thread counts.
 """
 
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
+from kvpareto.codec import TileShape, dequantize, quantize
 from kvpareto.config import Config
 from kvpareto.engine import prefill
-from kvpareto.quant.adaptive import AdaptiveKVCache
-from kvpareto.quant.controller import FORMAT, VERSION, WIDTHS, LearnedController, build_mlp
-from kvpareto.quant.tiles import TileShape, dequantize, quantize
-from kvpareto.quant.token_features import FEATURES
+from kvpareto.kv.adaptive import AdaptiveKVCache
+from kvpareto.kv.controller import FORMAT, VERSION, WIDTHS, LearnedController, build_mlp
+from kvpareto.kv.features import FEATURES
 from kvpareto.tasks import get_task
 
 CALIBRATION_TASKS = ("niah", "qa", "vt", "niah-mk")

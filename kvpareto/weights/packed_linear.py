@@ -35,8 +35,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kvpareto.quant import int4pack
-from kvpareto.quant.tiles import Quantized, TileShape, dequantize, quantize
+from kvpareto.codec import Quantized, TileShape, dequantize, quantize
+from kvpareto.weights import int4pack
 
 _F16 = 2
 _BF16 = 2

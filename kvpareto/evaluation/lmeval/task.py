@@ -1,7 +1,7 @@
 """`--tasks lm-eval:NAME`: an lm-evaluation-harness task as a kvpareto task.
 
 lm-eval tasks bring their own documents, requests and metrics, so this task describes no prompts
-for the trial runner: it runs itself through `kvpareto.lmeval_bridge.evaluate_task`, where every
+for the trial runner: it runs itself through `bridge.evaluate_task`, where every
 request goes through our cache and engine, and hands back a score per document. `samples` per
 length is lm-eval's `limit` (the task's first n documents). The lengths reach the tasks that
 size their own prompts (RULER's, kvpareto's own `kvpareto_niah_mc`) as `max_seq_lengths`; other
@@ -18,12 +18,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from kvpareto.errors import UserError
-from kvpareto.tasks import Task
+from kvpareto.tasks import Task, register_family
 
 PREFIX = "lm-eval:"
-LOCAL_TASKS = Path(__file__).parent / "lm_eval_tasks"
+LOCAL_TASKS = Path(__file__).parent / "local_tasks"
 
 
+@register_family(PREFIX)
 class LMEvalTask(Task):
     def __init__(self, task: str):
         if not task:
@@ -38,7 +39,7 @@ class LMEvalTask(Task):
         self.name = PREFIX + task
 
     def evaluate(self, loaded, config, context_length: int, n: int, seed: int) -> list[float]:
-        from kvpareto.lmeval_bridge import evaluate_task
+        from kvpareto.evaluation.lmeval.bridge import evaluate_task
 
         return evaluate_task(loaded, config, self.task, context_length, n, seed)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpareto.hf_compat import without_cache
-from kvpareto.quant.packed_linear import PackedLinear
+from kvpareto.weights.packed_linear import PackedLinear
 
 ALPHA_GRID = 20  # alpha in 0, 0.05, ..., 0.95, as in the paper
 LOSS_TOKENS = 1024  # calibration tokens the alpha search evaluates its loss on

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from kvpareto.config import Config
+from kvpareto.kv.static import layer_windows
 from kvpareto.models.storage_dtype import cast_elements
-from kvpareto.quant.kv_cache import layer_windows
 
 
 def modeled_activation_peak(
@@ -84,7 +84,7 @@ class _Shape:
 
 def _stored_before(config: Config, prompt_len: int) -> list[int]:
     """Prompt tokens a global layer stores before each chunk, and after the last one."""
-    from kvpareto.quant.pruning import TokenPruner
+    from kvpareto.kv.pruning import TokenPruner
 
     step = config.chunk_size or prompt_len
     if config.prune_rate == 0:
@@ -94,7 +94,7 @@ def _stored_before(config: Config, prompt_len: int) -> list[int]:
 
 
 def _specs(config: Config, shape: _Shape, layer: int):
-    from kvpareto.quant.kv_cache import stream_specs
+    from kvpareto.kv.static import stream_specs
 
     return [s for s in stream_specs(config, layer, shape.d, None, torch.float32) if s.quantized]
 
@@ -184,8 +184,8 @@ def _cast_moment(cfg, config: Config, c: int, e: int) -> int:
 
 def _weight_moment(cfg, config: Config, c: int, dtype: torch.dtype) -> int:
     """Bytes live while the widest packed linear (down_proj) runs on a chunk of c tokens."""
-    from kvpareto.quant import int4pack
-    from kvpareto.quant.packed_linear import call_path, weight_group
+    from kvpareto.weights import int4pack
+    from kvpareto.weights.packed_linear import call_path, weight_group
 
     if config.weights == "none":
         return 0

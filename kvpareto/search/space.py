@@ -38,7 +38,7 @@ import yaml
 
 from kvpareto.config import Config
 from kvpareto.errors import UserError
-from kvpareto.quant.awq_backends import check_backend
+from kvpareto.weights.awq_backends import check_backend
 
 _CONFIG_KEYS = [f.name for f in fields(Config) if f.name != "layer_bits"]
 _K_KNOBS = ("k_granularity", "k_smooth")

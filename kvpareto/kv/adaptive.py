@@ -1,7 +1,7 @@
 """Adaptive per-token KV precision: every token's K and V are stored at 2, 4, 8 or 16 bits.
 
 kv_scheme adaptive (a learned controller) and rule (the hand-written baseline) use this cache;
-see quant/controller.py for who decides and quant/token_features.py for what they look at.
+see kv/controller.py for who decides and kv/features.py for what they look at.
 
 Decisions. Bits are chosen once, when a token is written, per token and layer, and shared by its
 K and V in every KV head (so each width's store stays rectangular). Never re-quantized.
@@ -40,23 +40,23 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.models.llama.modeling_llama import rotate_half
 
+from kvpareto.codec import Quantized, TileShape, dequantize, quantize
 from kvpareto.config import Config
 from kvpareto.errors import UserError
 from kvpareto.hf_compat import cache_of
-from kvpareto.quant.controller import WIDTHS, LearnedController, RuleController, load_controller
-from kvpareto.quant.kv_cache import (
+from kvpareto.kv.controller import WIDTHS, LearnedController, RuleController, load_controller
+from kvpareto.kv.features import (
+    PROBE_QUERIES,
+    frequency_counts,
+    token_features,
+)
+from kvpareto.kv.static import (
     BLOCK_TOKENS,
     QuantizedKVCache,
     RowRing,
     capacity,
     layer_windows,
     storage_dtype_16,
-)
-from kvpareto.quant.tiles import Quantized, TileShape, dequantize, quantize
-from kvpareto.quant.token_features import (
-    PROBE_QUERIES,
-    frequency_counts,
-    token_features,
 )
 
 _F16 = 2  # bytes of an fp16 scale or zero point

@@ -16,7 +16,7 @@ Semantics (ARCHITECTURE.md, "Quantize on write, faithfully"):
   gives the bytes held in closed form, and the tests check it against the tensors to the byte.
 - Sliding-window layers (Gemma3 local layers) drop whole tiles once they fall out of the window.
 - With `prune_rate` > 0, each prefill chunk's tokens are scored and only the kept ones are stored
-  (`kvpareto.quant.pruning` has the policy). Everything above then runs on the kept tokens: a
+  (`kvpareto.kv.pruning` has the policy). Everything above then runs on the kept tokens: a
   stream counts tokens ever written (`total`, the RoPE position of the next token) apart from
   tokens kept (`kept`, what the layout and the mask see). `peak_nbytes` records the most bytes
   the cache ever held, sampled after every layer update, and `modeled_peak_nbytes` gives it in
@@ -49,10 +49,10 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvpareto.codec import Quantized, TileShape, dequantize, hadamard, quantize, tile_shape
 from kvpareto.config import Config
-from kvpareto.quant import fused_decode
-from kvpareto.quant.pruning import ChunkView, TokenPruner, make_scorer
-from kvpareto.quant.tiles import Quantized, TileShape, dequantize, hadamard, quantize, tile_shape
+from kvpareto.kv import fused_decode
+from kvpareto.kv.pruning import ChunkView, TokenPruner, make_scorer
 
 _F16 = 2  # bytes of an fp16 scale, zero point or smoothing mean
 # Stores grow by this many tokens: vLLM's default page size. Slack of at most 15 tokens per store
@@ -552,7 +552,7 @@ class QuantizedKVCache(Cache):
     ):
         """`dtype` is the storage dtype (what full-precision K/V are held in); `prompt_length`
         tells pruning where the prompt ends, and is needed when prune_rate > 0. `fused` says
-        whether decode steps may run the fused kernel (`kvpareto.quant.fused_decode`): None
+        whether decode steps may run the fused kernel (`kvpareto.kv.fused_decode`): None
         for this machine's default, where the model runs the "kvpareto" attention."""
         cfg = model_config.get_text_config()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

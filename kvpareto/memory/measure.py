@@ -24,8 +24,8 @@ from torch.profiler import ProfilerActivity
 from kvpareto.config import Config
 from kvpareto.engine import prefill
 from kvpareto.hf_compat import with_cache
-from kvpareto.quant.adaptive import make_cache
-from kvpareto.quant.packed_linear import resolve_kernel_paths
+from kvpareto.kv.adaptive import make_cache
+from kvpareto.weights.packed_linear import resolve_kernel_paths
 
 
 @dataclass
@@ -58,7 +58,7 @@ def weights_bytes_measured(model: torch.nn.Module) -> int:
 def weights_bytes_modeled(model: torch.nn.Module) -> int:
     """Parameter count (tied counted once) times element size, plus buffers; a packed linear
     counts by its closed form (`PackedLinear.modeled_nbytes`), not by its tensors."""
-    from kvpareto.quant.packed_linear import PackedLinear
+    from kvpareto.weights.packed_linear import PackedLinear
 
     total, seen = 0, set()
     for module in model.modules():

@@ -16,20 +16,20 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.engine import generate, score_tokens
-from kvpareto.memory import (
+from kvpareto.kv.adaptive import make_cache
+from kvpareto.memory.measure import (
     MemoryParts,
     measure_prefill,
     weights_bytes_measured,
     weights_bytes_modeled,
 )
-from kvpareto.memory_model import modeled_activation_peak
+from kvpareto.memory.model import modeled_activation_peak
 from kvpareto.models import LoadedModel
 from kvpareto.models.storage_dtype import compute_dtype, dtype_name, storage_dtype
-from kvpareto.quant.adaptive import make_cache
-from kvpareto.quant.weights import quantized_model
 from kvpareto.stats import mean_interval
 from kvpareto.tasks import get_task
 from kvpareto.tasks.perplexity import held_out_ids, source
+from kvpareto.weights.quantize import quantized_model
 
 
 def run_trial(
@@ -215,8 +215,8 @@ def _weights_summary(loaded: LoadedModel, config: Config, baseline: LoadedModel)
     """What the weights were: method, the group sizes actually used, whether read from disk,
     the path their layers take per phase on this machine, and whether they rebuild the grid the
     unquantized weights were stored on upstream."""
-    from kvpareto.quant.packed_linear import PackedLinear, kernel_summary
-    from kvpareto.quant.source_grid import measured_block, reproduces_source_grid
+    from kvpareto.weights.packed_linear import PackedLinear, kernel_summary
+    from kvpareto.weights.source_grid import measured_block, reproduces_source_grid
 
     method, group, backend = config.weight_method
     groups = sorted({m.group for m in loaded.model.modules() if isinstance(m, PackedLinear)})

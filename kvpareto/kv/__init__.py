@@ -1,0 +1,1 @@
+"""KV caches: the cache contract, one registry of schemes, and their implementations."""

@@ -1,0 +1,1 @@
+"""Memory: bytes measured (held tensors, allocator peaks) and modeled (closed form)."""

@@ -1,0 +1,2 @@
+"""Weight quantization: RTN and AWQ quantizers, packed linears and their kernels, the on-disk
+store of quantized weights."""
