@@ -59,9 +59,11 @@ bench: model
 	$(BIN)/python -c "import optimum.quanto" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/kvpareto bench --model $(MODEL) --threads 2
 
+# style, then the layer contract of docs/architecture.md (pyproject's [tool.importlinter])
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format .

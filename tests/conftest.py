@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from kvpareto.models import load_model
 
 TINY = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma3"]
+# The command line as a user runs it, in a fresh process (exit codes and stderr are real).
+CLI = [sys.executable, "-m", "kvpareto.cli"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-CLI = [sys.executable, "-m", "kvpareto.cli"]
+from tests.conftest import CLI
+
 GOOD_SPACE = "params:\n  k_bits: [4, 8]\n"
 
 # (name, space YAML or None for the good one, extra args, a word the message must contain)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-CLI = [sys.executable, "-m", "kvpareto.cli"]
+from tests.conftest import CLI
 
 
 def _run(*args):

@@ -18,7 +18,7 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.hf_compat import with_cache
-from kvpareto.kv import fused_decode
+from kvpareto.kernels import fused_decode
 from kvpareto.kv.static import QuantizedKVCache
 from kvpareto.models import load_model
 from tests.conftest import TINY

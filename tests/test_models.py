@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +15,7 @@ from kvpareto.engine import generate
 from kvpareto.models import CATALOG, load_model, loader
 from kvpareto.models.catalog import DEFAULT_MODEL
 from kvpareto.tasks import get_task
-from tests.conftest import TINY
-
-CLI = [sys.executable, "-m", "kvpareto.cli"]
+from tests.conftest import CLI, TINY
 
 
 @pytest.mark.parametrize("name", TINY)

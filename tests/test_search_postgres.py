@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 
 import optuna
 import pytest
 
+from tests.conftest import CLI
+
 URL = os.environ.get("KVPARETO_TEST_POSTGRES_URL")
-CLI = [sys.executable, "-m", "kvpareto.cli"]
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from kvpareto.models.precision import (
     from_gguf,
     from_quantization_config,
 )
+from kvpareto.paths import cache_root
 from kvpareto.report import build_report
 from kvpareto.search.outputs import GRID_NOTE
 from kvpareto.search.study import SearchSettings, run_search
@@ -40,8 +40,8 @@ from kvpareto.weights.source_grid import (
     reproduces_source_grid,
     rounding_noise_ratio,
 )
+from tests.conftest import CLI
 
-CLI = [sys.executable, "-m", "kvpareto.cli"]
 Q4_1 = SourcePrecision(
     "gguf",
     decoder_linears=(TensorType("Q4_1", 4, 32, 28),),
@@ -310,7 +310,7 @@ def test_smollm2_reads_q4_1_decoder_linears_and_a_q8_0_embedding(smollm2):
         "the 16-bit baseline is a dequantized 4-bit model"
     )
     spec = CATALOG["smollm2-135m"].gguf
-    path = sources.existing_file(spec, loader.cache_root() / "gguf")
+    path = sources.existing_file(spec, cache_root() / "gguf")
     assert path is not None and from_gguf(path) == source  # the stored summary is the file's
 
 

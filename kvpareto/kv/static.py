@@ -4,7 +4,7 @@ Why not the built-in `QuantizedCache`: it has one bit-width for K and V, no per-
 re-quantizes the whole history at every residual flush. Here each layer holds two independent
 `KVStream`s (K and V), each with its own bits, tile shape, residual window and options.
 
-Semantics (ARCHITECTURE.md, "Quantize on write, faithfully"):
+Semantics (docs/architecture.md, "Quantize on write, faithfully"):
 - `update()` returns [dequantized history | full-precision tail | this chunk], so a prefill chunk
   attends to its own K/V in full precision and to earlier chunks as a real runtime would read them.
 - Then the chunk joins the full-precision tail, and tokens leave the tail oldest first, in whole
@@ -51,7 +51,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpareto.codec import Quantized, TileShape, dequantize, hadamard, quantize, tile_shape
 from kvpareto.config import Config
-from kvpareto.kv import fused_decode
+from kvpareto.kernels import fused_decode
 from kvpareto.kv.pruning import ChunkView, TokenPruner, make_scorer
 
 _F16 = 2  # bytes of an fp16 scale, zero point or smoothing mean
@@ -552,7 +552,7 @@ class QuantizedKVCache(Cache):
     ):
         """`dtype` is the storage dtype (what full-precision K/V are held in); `prompt_length`
         tells pruning where the prompt ends, and is needed when prune_rate > 0. `fused` says
-        whether decode steps may run the fused kernel (`kvpareto.kv.fused_decode`): None
+        whether decode steps may run the fused kernel (`kvpareto.kernels.fused_decode`): None
         for this machine's default, where the model runs the "kvpareto" attention."""
         cfg = model_config.get_text_config()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

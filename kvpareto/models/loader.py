@@ -24,6 +24,7 @@ from kvpareto.models.catalog import CATALOG, ModelSpec, known_names
 from kvpareto.models.precision import FLOAT, UNKNOWN, SourcePrecision
 from kvpareto.models.storage_dtype import compute_in
 from kvpareto.models.tiny import build_tiny
+from kvpareto.paths import cache_root
 
 _MARKER = "kvpareto-converted.json"
 _PRECISION = "source-precision.json"  # the GGUF's tensor types, so loads need not re-read it
@@ -36,10 +37,6 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KVPARETO_HOME", Path.home() / ".cache" / "kvpareto"))
 
 
 def converted_dir(sha256: str) -> Path:
@@ -111,8 +108,8 @@ def load_model(
 
     The float weights are held in `storage_dtype` (default: `dtype`) and the model computes in
     `dtype`, casting each weight as it is used when the two differ (`precision.compute_in`). Its
-    attention is SDPA's, but for decode steps that our cache fuses (`kv.fused_decode`)."""
-    from kvpareto.kv import fused_decode
+    attention is SDPA's, but for decode steps that our cache fuses (`kernels.fused_decode`)."""
+    from kvpareto.kernels import fused_decode
 
     loaded = _load(ref, storage_dtype or dtype)
     compute_in(loaded.model, dtype)

@@ -5,20 +5,21 @@
   baseline when measured, status, error, whether it came from the trial cache);
 - `frontier.json`: the Pareto-optimal feasible trials, cheapest first, with the baseline, the knee,
   the "indistinguishable" marks and the hypervolume;
-- `study.json`: the command, versions, seed, space hash, hardware, the model's source precision,
-  and the compute dtype (as asked, as resolved on this machine, and why) beside the storage dtype.
+- `study.json` (gathered by `study.study_facts`): the command, versions, seed, space hash,
+  hardware, the model's source precision, and the compute dtype (as asked, as resolved on this
+  machine, and why) beside the storage dtype.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import sys
 from pathlib import Path
 
 from kvpareto.search.frontier import Point, hypervolume, indistinguishable, knee, pareto_front
 
+# A FAIL trial with no recorded error: its worker died mid-trial (`study.Search.prepare`).
+INTERRUPTED = "interrupted: its worker stopped mid-trial"
 # What a weight config that rebuilds its source grid (`weights.source_grid`) is flagged with.
 GRID_NOTE = "reproduces the source grid; its accuracy cost is not a 16→4-bit cost"
 
@@ -55,7 +56,8 @@ def trial_rows(study) -> list[dict]:
             "cached": a.get("cached"),
             # The weight config rebuilds the grid the model was stored on upstream.
             "reproduces_source_grid": a.get("reproduces_source_grid"),
-            "error": a.get("error"),
+            # every failure the objective catches records its error; one without was cut short
+            "error": a.get("error") or (INTERRUPTED if t.state.name == "FAIL" else None),
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "prefill_tokens_per_s": (a.get("timing") or {}).get("prefill_tokens_per_s"),
             "decode_ms_per_token": (a.get("timing") or {}).get("decode_ms_per_token"),
@@ -185,46 +187,3 @@ def write_outputs(study, folder: Path, facts: dict) -> dict:
     _atomic_write(folder / "frontier.json", json.dumps(summary, indent=2))
     _atomic_write(folder / "study.json", json.dumps(facts, indent=2))
     return summary
-
-
-def study_facts(settings, space, command: list[str], source) -> dict:
-    """What a study ran: command, settings, versions, hardware, and `source`, the model's
-    upstream `SourcePrecision`."""
-    import optuna
-    import torch
-    import transformers
-
-    from kvpareto import __version__
-
-    return {
-        "command": command,
-        "model": settings.model,
-        "study": settings.study,
-        "space": {"path": settings.space_path, "name": space.name, "hash": space.source_hash},
-        "tasks": settings.tasks,
-        "task_lengths": settings.task_lengths,
-        "samples": settings.samples,
-        "context_length": settings.context_length,
-        "sampler": settings.sampler,
-        "seed": settings.seed,
-        "budget_mb": settings.budget_mb,
-        "objectives": settings.objectives,
-        **settings.compute.to_dict(),
-        "storage_dtype": settings.storage_dtype,
-        "versions": {
-            "kvpareto": __version__,
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "optuna": optuna.__version__,
-        },
-        "hardware": {
-            "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(),
-        },
-        "source_precision": source.to_dict(),
-        "baseline_note": source.description,
-    }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import signal
 import socket
 import sys
@@ -223,11 +224,9 @@ class Search:
         elif self.local_storage:
             for t in trials:
                 if t.state == TrialState.RUNNING:
-                    storage = self.study._storage
-                    storage.set_trial_user_attr(
-                        t._trial_id, "error", "interrupted: its worker stopped mid-trial"
-                    )
-                    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                    # Optuna's public API cannot attach a reason to another process's trial: a
+                    # FAIL without an error attribute reads as interrupted (outputs.INTERRUPTED).
+                    self.study.tell(t.number, state=TrialState.FAIL)
                     redo = t.user_attrs.get("config")
                     if redo:
                         self.study.enqueue_trial({}, user_attrs={"fixed_config": redo})
@@ -368,7 +367,7 @@ def run_search(settings: SearchSettings, command: list[str], progress=None) -> d
 
     `progress(done, total, summary, last_label)` is called after every finished trial.
     """
-    from kvpareto.search.outputs import frontier_summary, study_facts, trial_rows, write_outputs
+    from kvpareto.search.outputs import frontier_summary, trial_rows, write_outputs
     from kvpareto.search.space import load_space
 
     settings.validate()
@@ -438,3 +437,46 @@ def _run_workers(search: Search, settings: SearchSettings, remaining: int, stop,
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed and not stop.requested:
         raise RuntimeError(f"{len(failed)} worker(s) exited with codes {failed}")
+
+
+def study_facts(settings, space, command: list[str], source) -> dict:
+    """What a study ran: command, settings, versions, hardware, and `source`, the model's
+    upstream `SourcePrecision`."""
+    import optuna
+    import torch
+    import transformers
+
+    from kvpareto import __version__
+
+    return {
+        "command": command,
+        "model": settings.model,
+        "study": settings.study,
+        "space": {"path": settings.space_path, "name": space.name, "hash": space.source_hash},
+        "tasks": settings.tasks,
+        "task_lengths": settings.task_lengths,
+        "samples": settings.samples,
+        "context_length": settings.context_length,
+        "sampler": settings.sampler,
+        "seed": settings.seed,
+        "budget_mb": settings.budget_mb,
+        "objectives": settings.objectives,
+        **settings.compute.to_dict(),
+        "storage_dtype": settings.storage_dtype,
+        "versions": {
+            "kvpareto": __version__,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "optuna": optuna.__version__,
+        },
+        "hardware": {
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+        },
+        "source_precision": source.to_dict(),
+        "baseline_note": source.description,
+    }

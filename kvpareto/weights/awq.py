@@ -6,7 +6,7 @@ the weight columns by s and divides the op that produces x by s, so the float mo
 while the salient channels get finer int4 steps. The alpha kept is the one with the smallest
 output error of the group's linears on calibration activations.
 
-Why not a library (FINDINGS.md, measured here): AutoAWQ 0.2.9 is deprecated and produces a broken
+Why not a library (docs/findings.md): AutoAWQ 0.2.9 is deprecated and produces a broken
 model on torch 2.13 + transformers 5.x; llm-compressor's AWQModifier works but pins transformers
 <= 5.17 (kvpareto runs 5.23), needs a CPU patch, and its checkpoints do not reload under 5.23.
 The algorithm itself is small, so it lives here, on the same int4 codec as everything else.

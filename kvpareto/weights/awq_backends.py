@@ -20,5 +20,5 @@ def check_backend(backend: str) -> None:
     if backend == "autoawq":
         raise UserError(
             "awq_backend autoawq cannot run here: AutoAWQ 0.2.9 is deprecated and yields a broken "
-            "model on torch 2.13 + transformers 5 (see FINDINGS.md); use awq_backend native"
+            "model on torch 2.13 + transformers 5 (see docs/findings.md); use awq_backend native"
         )

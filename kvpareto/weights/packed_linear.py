@@ -347,7 +347,7 @@ def _seconds(layer: PackedLinear, path: str, x: torch.Tensor) -> float:
 
 
 def _record_file():
-    from kvpareto.models.loader import cache_root
+    from kvpareto.paths import cache_root
 
     return cache_root() / "kernels.json"
 

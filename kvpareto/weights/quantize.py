@@ -191,7 +191,7 @@ def _cache_key(model_hash, method, group, backend, calibration) -> str:
 
 
 def _cache_dir(key: str) -> Path:
-    from kvpareto.models.loader import cache_root
+    from kvpareto.paths import cache_root
 
     return cache_root() / "weights" / key
 

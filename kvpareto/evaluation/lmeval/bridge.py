@@ -42,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from kvpareto.config import Config  # noqa: E402
 from kvpareto.engine import generate, score_tokens  # noqa: E402
 from kvpareto.errors import UserError  # noqa: E402
-from kvpareto.evaluation.lmeval.task import LOCAL_TASKS  # noqa: E402
+from kvpareto.evaluation.lmeval import LOCAL_TASKS  # noqa: E402
 from kvpareto.hardware import (  # noqa: E402
     COMPUTE_DTYPES,
     STORAGE_DTYPES,
@@ -146,7 +146,7 @@ def tokenizer_folder(loaded: LoadedModel) -> str:
     folder = getattr(loaded.tokenizer, "name_or_path", "")
     if folder and Path(folder, "tokenizer_config.json").is_file():
         return folder
-    from kvpareto.models.loader import cache_root
+    from kvpareto.paths import cache_root
 
     target = cache_root() / "tokenizers" / loaded.model_hash[:32]
     if not (target / "tokenizer_config.json").is_file():

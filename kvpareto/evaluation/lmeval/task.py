@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from kvpareto.errors import UserError
+from kvpareto.evaluation.lmeval import LOCAL_TASKS
 from kvpareto.tasks import Task, register_family
 
 PREFIX = "lm-eval:"
-LOCAL_TASKS = Path(__file__).parent / "local_tasks"
 
 
 @register_family(PREFIX)

@@ -124,7 +124,7 @@ def isa() -> tuple[str, list[str]]:
 def build_dir() -> Path:
     """Where this CPU kind's build lives: named by ISA, torch version and the source's hash, so a
     change of any of them builds afresh."""
-    from kvpareto.models.loader import cache_root
+    from kvpareto.paths import cache_root
 
     digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
     torch_version = torch.__version__.replace("+", "_")
