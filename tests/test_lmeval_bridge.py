@@ -82,7 +82,7 @@ def test_shipped_multiple_choice_task_runs_through_trial(smollm2):
         smollm2, Config(), ["lm-eval:kvpareto_niah_mc"], [256], 2, 0, perplexity=True
     )
     task = result.tasks["lm-eval:kvpareto_niah_mc"]
-    assert task["n"] == 2 and 0.0 <= task["accuracy"] <= 1.0
+    assert task.n == 2 and 0.0 <= task.accuracy <= 1.0
     assert result.accuracy == task.accuracy  # perplexity never enters accuracy
     assert result.perplexity.delta_vs_baseline == pytest.approx(0.0, abs=1e-6)
     assert result.perplexity.tokens == 128
