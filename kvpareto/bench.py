@@ -165,9 +165,10 @@ def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> li
     """
     import copy
 
+    from kvpareto.evaluation.calibration_data import calibration_ids
     from kvpareto.memory.measure import weights_bytes_measured
     from kvpareto.weights.packed_linear import kernel_summary
-    from kvpareto.weights.quantize import QUANTIZERS, calibration_ids
+    from kvpareto.weights.quantize import QUANTIZERS
 
     base = loaded.model
     dtype = next(base.parameters()).dtype
@@ -222,9 +223,9 @@ def prune_bench(loaded, length: int, samples: int, log=print) -> list[dict]:
             {
                 "prune_rate": rate,
                 "context": length,
-                "accuracy": r["accuracy"],
-                "accuracy_ci": r["accuracy_ci"],
-                "kv_bytes": r["memory"]["kv_bytes"],
+                "accuracy": r.accuracy,
+                "accuracy_ci": list(r.accuracy_ci),
+                "kv_bytes": r.memory.measured.kv_bytes,
             }
         )
     for row in rows:
@@ -243,12 +244,13 @@ def reuse_bench(loaded, length: int, samples: int, log=print) -> dict:
     prefill store disabled, the warm one after a 16-bit trial has recorded the prompts. Results
     are identical (tests/test_prefill_reuse.py); only the time differs.
     """
+    from kvpareto.evaluation.result import TrialResult
     from kvpareto.evaluation.trial import run_trial
     from kvpareto.prefill_reuse import STORE
 
     config = Config(k_bits=4, v_bits=2, k_granularity="per-channel", residual_length=32)
 
-    def timed() -> tuple[float, dict]:
+    def timed() -> tuple[float, TrialResult]:
         start = time.perf_counter()
         result = run_trial(loaded, config, ["niah"], [length], samples, seed=0)
         return time.perf_counter() - start, result
@@ -268,8 +270,8 @@ def reuse_bench(loaded, length: int, samples: int, log=print) -> dict:
         "cold_s": cold_s,
         "reused_s": warm_s,
         "reused_vs_cold": warm_s / cold_s,
-        "prefills_reused": warm["timing"]["prefills_reused"],
-        "same_outcomes": warm["samples"] == cold["samples"],
+        "prefills_reused": warm.timing.prefills_reused,
+        "same_outcomes": warm.samples == cold.samples,
     }
     log(
         f"trial with prefill reuse: {warm_s:.1f} s vs cold {cold_s:.1f} s "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -27,6 +28,9 @@ try:  # typer >= 0.26 vendors its own click; older releases use click itself
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover
     from click import exceptions as click_errors
+
+if TYPE_CHECKING:
+    from kvpareto.evaluation.result import TrialResult
 
 app = typer.Typer(
     help="Find the memory/accuracy Pareto frontier of KV-cache and weight settings.",
@@ -225,9 +229,8 @@ def eval_command(
             progress=lambda done, total: bar.update(job, completed=done, total=total),
             perplexity=perplexity,
         )
-    result.update(compute.to_dict())
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps({**result.to_dict(), **compute.to_dict()}, indent=2))
         return
     _print_result(result)
 
@@ -619,48 +622,46 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def _print_result(r: dict) -> None:
+def _print_result(r: TrialResult) -> None:
+    from kvpareto.evaluation.result import PARTS
     from kvpareto.search.outputs import GRID_NOTE
 
-    lo, hi = r["accuracy_ci"]
-    out.print(
-        f"[bold]{r['model']}[/bold]  {r['label']}  (prompt {r['longest_prompt_tokens']} tokens)"
-    )
-    out.print(f"source precision: {r['source_precision']['description']}", markup=False)
-    if r["weights"]["reproduces_source_grid"]:
-        out.print(f"{r['label']} {GRID_NOTE}", markup=False)
+    lo, hi = r.accuracy_ci
+    out.print(f"[bold]{r.model}[/bold]  {r.label}  (prompt {r.longest_prompt_tokens} tokens)")
+    out.print(f"source precision: {r.source_precision.description}", markup=False)
+    if r.weights.reproduces_source_grid:
+        out.print(f"{r.label} {GRID_NOTE}", markup=False)
     acc = Table(title="accuracy (95% CI)")
     for col in ("task", "accuracy", "95% CI", "n"):
         acc.add_column(col)
-    for name, t in r["tasks"].items():
-        tlo, thi = t["accuracy_ci"]
-        acc.add_row(name, f"{t['accuracy']:.3f}", f"[{tlo:.3f}, {thi:.3f}]", str(t["n"]))
-    acc.add_row("all", f"{r['accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]", str(r["n"]))
+    for name, t in r.tasks.items():
+        tlo, thi = t.accuracy_ci
+        acc.add_row(name, f"{t.accuracy:.3f}", f"[{tlo:.3f}, {thi:.3f}]", str(t.n))
+    acc.add_row("all", f"{r.accuracy:.3f}", f"[{lo:.3f}, {hi:.3f}]", str(r.n))
     out.print(acc)
     mem = Table(title="memory at the longest prompt (MiB)")
     for col in ("part", "measured", "modeled"):
         mem.add_column(col)
-    for part in ("weights_bytes", "kv_bytes", "activation_peak_bytes", "total_bytes"):
-        mem.add_row(
-            part.removesuffix("_bytes"), _mib(r["memory"][part]), _mib(r["memory"]["modeled"][part])
-        )
+    for part in PARTS:
+        measured, modeled = getattr(r.memory.measured, part), getattr(r.memory.modeled, part)
+        mem.add_row(part.removesuffix("_bytes"), _mib(measured), _mib(modeled))
     out.print(mem)
-    t = r["timing"]
-    prefill, decode = t["prefill_tokens_per_s"], t["decode_ms_per_token"]
+    prefill, decode = r.timing.prefill_tokens_per_s, r.timing.decode_ms_per_token
+    nominal, effective = r.nominal_kv_bits, r.effective_kv_bits
     out.print(
         "prefill "
         + (f"{prefill:.0f} tokens/s" if prefill else "n/a")
         + ", decode "
         + (f"{decode:.1f} ms/token" if decode else "n/a")
-        + f" ({r['threads']} threads, compute {r['compute_dtype']}, storage {r['storage_dtype']})"
-        + (f"; nominal KV bits {r['mean_bits']:.2f}" if r.get("mean_bits") is not None else "")
-        + (f", effective {r['effective_kv_bits']:.2f}" if r.get("effective_kv_bits") else "")
+        + f" ({r.threads} threads, compute {r.compute_dtype}, storage {r.storage_dtype})"
+        + (f"; nominal KV bits {nominal:.2f}" if nominal is not None else "")
+        + (f", effective {effective:.2f}" if effective else "")
     )
-    if "perplexity" in r:
-        ppl = r["perplexity"]
+    if r.perplexity:
+        ppl = r.perplexity
         out.print(
-            f"perplexity {ppl['value']:.3f} ({ppl['delta_vs_baseline']:+.3f} vs the 16-bit "
-            f"baseline {ppl['baseline']:.3f}) on {ppl['tokens']} tokens of {ppl['text']}"
+            f"perplexity {ppl.value:.3f} ({ppl.delta_vs_baseline:+.3f} vs the 16-bit "
+            f"baseline {ppl.baseline:.3f}) on {ppl.tokens} tokens of {ppl.text}"
         )
 
 

@@ -234,9 +234,9 @@ def test_frequency_feature_counts_every_earlier_occurrence():
 def test_eval_reports_realized_mean_bits_and_exact_kv_bytes(tiny_models):
     cfg = Config(kv_scheme="adaptive", target_mean_bits=3.0, chunk_size=128)
     result = run_trial(tiny_models["tiny-llama"], cfg, ["niah"], [256], 2, 0)
-    assert abs(result["mean_bits"] - 3.0) <= 0.15
-    assert result["memory"]["kv_bytes"] == result["memory"]["modeled"]["kv_bytes"]
-    assert result["label"] == "w16-adaptive3b-c128"
+    assert abs(result.nominal_kv_bits - 3.0) <= 0.15
+    assert result.memory.measured.kv_bytes == result.memory.modeled.kv_bytes
+    assert result.label == "w16-adaptive3b-c128"
 
 
 def test_adaptive_refuses_what_it_cannot_honour(tiny_models):

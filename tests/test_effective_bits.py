@@ -59,4 +59,4 @@ class _Nothing(Task):
 def test_trials_report_effective_kv_bits(tiny_models, monkeypatch, config, bits):
     monkeypatch.setitem(TASKS, "nothing", _Nothing)
     result = run_trial(tiny_models["tiny-llama"], config, ["nothing"], [64], 1, seed=0)
-    assert result["effective_kv_bits"] == bits
+    assert result.effective_kv_bits == bits

@@ -81,11 +81,11 @@ def test_shipped_multiple_choice_task_runs_through_trial(smollm2):
     result = run_trial(
         smollm2, Config(), ["lm-eval:kvpareto_niah_mc"], [256], 2, 0, perplexity=True
     )
-    task = result["tasks"]["lm-eval:kvpareto_niah_mc"]
-    assert task["n"] == 2 and 0.0 <= task["accuracy"] <= 1.0
-    assert result["accuracy"] == task["accuracy"]  # perplexity never enters accuracy
-    assert result["perplexity"]["delta_vs_baseline"] == pytest.approx(0.0, abs=1e-6)
-    assert result["perplexity"]["tokens"] == 128
+    task = result.tasks["lm-eval:kvpareto_niah_mc"]
+    assert task.n == 2 and 0.0 <= task.accuracy <= 1.0
+    assert result.accuracy == task.accuracy  # perplexity never enters accuracy
+    assert result.perplexity.delta_vs_baseline == pytest.approx(0.0, abs=1e-6)
+    assert result.perplexity.tokens == 128
 
 
 def test_shipped_task_documents_are_seeded(smollm2):

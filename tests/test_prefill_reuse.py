@@ -83,8 +83,10 @@ def test_a_trial_with_reuse_equals_the_cold_trial_but_for_timing(tiny_models, mo
 
     def trial():
         result = run_trial(loaded, config, ["niah", "agreement"], [256], samples=3, seed=1)
-        reused = result["timing"]["prefills_reused"]
-        return reused, {k: v for k, v in result.items() if k not in ("timing", "when")}
+        record = result.to_dict()
+        return result.timing.prefills_reused, {
+            k: v for k, v in record.items() if k not in ("timing", "when")
+        }
 
     STORE.clear()
     with monkeypatch.context() as m:

@@ -96,5 +96,5 @@ def test_smollm2_finds_pass_keys_in_prose_and_uuid_pass_keys(smollm2):
     the model answers with phrases from the prose; not pinned)."""
     names = ["niah:prose", "niah:uuid:prose"]
     result = run_trial(smollm2, Config(), names, [1024], samples=5, seed=0)
-    assert result["tasks"]["niah:prose"]["accuracy"] >= 0.8
-    assert result["tasks"]["niah:uuid:prose"]["accuracy"] >= 0.6
+    assert result.tasks["niah:prose"].accuracy >= 0.8
+    assert result.tasks["niah:uuid:prose"].accuracy >= 0.6

@@ -210,12 +210,12 @@ def test_trial_records_carry_the_source_precision_and_the_grid_flag(tiny_q4_1, t
     args = (["niah"], [256], 1, 0)
     g32 = Config(weights="int4", weight_group_size=32)
     flagged = run_trial(tiny_q4_1, g32, *args)
-    assert flagged["weights"]["reproduces_source_grid"] is True
-    assert flagged["weights"]["source_block_measured"] == 32
-    assert flagged["source_precision"]["description"] == Q4_1.description
+    assert flagged.weights.reproduces_source_grid is True
+    assert flagged.weights.source_block_measured == 32
+    assert flagged.source_precision.description == Q4_1.description
     plain = run_trial(tiny_float, g32, *args)
-    assert plain["weights"]["reproduces_source_grid"] is False
-    assert plain["source_precision"]["quantized"] is False
+    assert plain.weights.reproduces_source_grid is False
+    assert plain.source_precision.quantized is False
 
 
 def test_eval_json_carries_the_source_precision():

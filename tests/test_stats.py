@@ -38,9 +38,9 @@ class _Halves(Task):
 def test_a_trial_of_partial_scores_reports_the_bootstrap_interval(tiny_models, monkeypatch):
     monkeypatch.setitem(TASKS, "halves", _Halves)
     result = run_trial(tiny_models["tiny-llama"], Config(), ["halves"], [64], 20, seed=0)
-    assert result["accuracy"] == 0.5
-    assert result["accuracy_ci"] == pytest.approx([0.5, 0.5])
-    assert result["tasks"]["halves"]["accuracy_ci"] == pytest.approx([0.5, 0.5])
+    assert result.accuracy == 0.5
+    assert result.accuracy_ci == pytest.approx((0.5, 0.5))
+    assert result.tasks["halves"].accuracy_ci == pytest.approx((0.5, 0.5))
 
 
 @pytest.mark.parametrize(

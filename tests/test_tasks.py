@@ -194,20 +194,20 @@ def test_trials_leave_room_for_the_longest_answer(tiny_models):
 
 def test_smollm2_finds_the_needle_at_every_depth(smollm2):
     result = run_trial(smollm2, Config(), ["niah"], [1024, 2048], samples=5, seed=0)
-    assert result["tasks"]["niah"]["accuracy"] >= 0.9
-    assert len({s["depth"] for s in result["samples"]}) == 5
+    assert result.tasks["niah"].accuracy >= 0.9
+    assert len({s["depth"] for s in result.samples}) == 5
 
 
 def test_a_random_tiny_model_fails_the_same_needles(tiny_models):
     result = run_trial(tiny_models["tiny-llama"], Config(), ["niah"], [1024, 2048], 5, seed=0)
-    assert result["tasks"]["niah"]["accuracy"] <= 0.1
+    assert result.tasks["niah"].accuracy <= 0.1
 
 
 def test_a_random_tiny_model_fails_every_needle_kind_and_records_details(tiny_models):
     names = ["niah:uuid", "niah:word:prose", "niah-mv", "niah-mq:word", "qa:f1"]
     result = run_trial(tiny_models["tiny-llama"], Config(), names, [1024], 5, seed=0)
-    assert all(result["tasks"][name]["accuracy"] <= 0.1 for name in names)
-    outcomes = result["samples"]
+    assert all(result.tasks[name].accuracy <= 0.1 for name in names)
+    outcomes = result.samples
     assert all("f1" in s for s in outcomes if s["task"] == "qa:f1")
     assert all("recall" in s and "depth" in s for s in outcomes if s["task"] == "niah-mv")
 

@@ -10,15 +10,12 @@ import torch
 from kvpareto.config import Config
 from kvpareto.engine import generate
 from kvpareto.errors import UserError
+from kvpareto.evaluation.calibration_data import calibration, calibration_ids
 from kvpareto.memory.measure import weights_bytes_measured, weights_bytes_modeled
 from kvpareto.tasks import get_task
 from kvpareto.weights import quantize as weights_module
 from kvpareto.weights.packed_linear import PackedLinear, weight_group
-from kvpareto.weights.quantize import (
-    calibration_ids,
-    linear_output_errors,
-    quantized_model,
-)
+from kvpareto.weights.quantize import linear_output_errors, quantized_model
 
 
 def test_int4_known_answer_on_a_hand_made_row():
@@ -53,7 +50,7 @@ def test_group_size_rule_for_widths_the_group_does_not_divide():
 @pytest.mark.parametrize("method", ["int8", "int4", "awq4"])
 def test_measured_weight_bytes_equal_modeled_on_every_tiny_arch(tiny_models, method):
     for loaded in tiny_models.values():
-        q = quantized_model(loaded, Config(weights=method, weight_group_size=32))
+        q = quantized_model(loaded, Config(weights=method, weight_group_size=32), calibration)
         assert weights_bytes_measured(q.model) == weights_bytes_modeled(q.model)
         assert weights_bytes_measured(q.model) < weights_bytes_measured(loaded.model)
         x = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -63,9 +60,9 @@ def test_measured_weight_bytes_equal_modeled_on_every_tiny_arch(tiny_models, met
 def test_quantized_weights_reload_from_disk_with_identical_outputs(tiny_models):
     loaded = tiny_models["tiny-llama"]
     cfg = Config(weights="awq4", weight_group_size=32)
-    first = quantized_model(loaded, cfg)
+    first = quantized_model(loaded, cfg, calibration)
     weights_module._LAST.clear()  # forget the in-process copy: the next call reads the disk
-    second = quantized_model(loaded, cfg)
+    second = quantized_model(loaded, cfg, calibration)
     assert second.from_cache
     x = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(2))
     assert torch.equal(first.model(x).logits, second.model(x).logits)
@@ -75,7 +72,7 @@ def test_quantized_weights_reload_from_disk_with_identical_outputs(tiny_models):
 def test_the_unquantized_model_is_left_untouched(tiny_models):
     loaded = tiny_models["tiny-qwen2"]
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    quantized_model(loaded, Config(weights="awq4", weight_group_size=32))
+    quantized_model(loaded, Config(weights="awq4", weight_group_size=32), calibration)
     after = loaded.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -83,8 +80,14 @@ def test_the_unquantized_model_is_left_untouched(tiny_models):
 @pytest.mark.parametrize("backend", ["llmcompressor", "autoawq"])
 def test_external_awq_backends_that_cannot_run_say_so_in_one_line(tiny_models, backend):
     with pytest.raises(UserError) as e:
-        quantized_model(tiny_models["tiny-llama"], Config(weights="awq4", awq_backend=backend))
+        config = Config(weights="awq4", awq_backend=backend)
+        quantized_model(tiny_models["tiny-llama"], config, calibration)
     assert "\n" not in str(e.value) and "native" in str(e.value)
+
+
+def test_a_quantizer_that_calibrates_refuses_to_run_without_calibration_data(tiny_models):
+    with pytest.raises(ValueError, match="calibration"):
+        quantized_model(tiny_models["tiny-llama"], Config(weights="awq4", weight_group_size=32))
 
 
 # --- SmolLM2: real weights ----------------------------------------------------------------------
@@ -97,7 +100,7 @@ def smollm2_int4(smollm2):
 
 @pytest.fixture(scope="module")
 def smollm2_awq4(smollm2):
-    return quantized_model(smollm2, Config(weights="awq4", weight_group_size=64))
+    return quantized_model(smollm2, Config(weights="awq4", weight_group_size=64), calibration)
 
 
 def test_int4_g64_bytes_are_measured_modeled_and_under_30_percent_of_fp16(smollm2, smollm2_int4):

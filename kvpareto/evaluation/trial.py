@@ -3,7 +3,10 @@
 This is the unit that `kvpareto eval` prints and that a search repeats. Accuracy is the mean over
 all samples with a 95% interval (`stats.mean_interval`); memory is measured (and modeled) on the
 longest prompt, which is what a deployment must hold; timing is prefill tokens/s and decode
-ms/token.
+ms/token. The result is a typed `TrialResult` (`evaluation.result`).
+
+`run_trial` reads as its steps, in the order they call the model; keep that order, since the
+reference answers and prefill reuse (`kvpareto.prefill_reuse`) depend on it.
 """
 
 from __future__ import annotations
@@ -11,14 +14,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvpareto.config import Config
 from kvpareto.engine import generate, score_tokens
+from kvpareto.evaluation.calibration_data import calibration
+from kvpareto.evaluation.result import (
+    Memory,
+    Perplexity,
+    TaskScore,
+    Timing,
+    TrialResult,
+    WeightsFacts,
+)
 from kvpareto.kv.adaptive import make_cache
+from kvpareto.memory import MemoryParts
 from kvpareto.memory.measure import (
-    MemoryParts,
     measure_prefill,
     weights_bytes_measured,
     weights_bytes_modeled,
@@ -27,7 +40,7 @@ from kvpareto.memory.model import modeled_activation_peak
 from kvpareto.models import LoadedModel
 from kvpareto.models.storage_dtype import compute_dtype, dtype_name, storage_dtype
 from kvpareto.stats import mean_interval
-from kvpareto.tasks import get_task
+from kvpareto.tasks import Sample, Task, get_task
 from kvpareto.tasks.perplexity import held_out_ids, source
 from kvpareto.weights.quantize import quantized_model
 
@@ -42,40 +55,95 @@ def run_trial(
     progress: Callable[[int, int], None] | None = None,
     memory_length: int | None = None,
     perplexity: bool = False,
-) -> dict:
+) -> TrialResult:
     """Evaluate `config`; memory is taken at `memory_length` tokens, or the longest prompt.
 
     With `perplexity`, the held-out text's perplexity at the longest context length is measured
     too, as a metric of its own beside accuracy."""
-    model, tok = loaded.model, loaded.tokenizer
-    tasks = [get_task(name) for name in task_names]
-    _check_lengths(loaded, context_lengths, max(t.max_new_tokens for t in tasks))
-    work = [
+    plan = _Plan([get_task(name) for name in task_names], context_lengths, samples, seed)
+    _check_lengths(loaded, context_lengths, max(t.max_new_tokens for t in plan.tasks))
+    prompts = _prompts(loaded, plan)
+    # Reference answers came from the unquantized model; from here on the trial's weights run.
+    baseline, loaded = loaded, quantized_model(loaded, config, calibration)
+    outcomes = _Outcomes(plan.tasks, len(prompts) + len(plan.own_runs), progress)
+    run = _run_prompts(loaded, config, prompts, outcomes)
+    _run_own(loaded, config, plan, outcomes)
+    memory = _measure_memory(loaded, config, prompts, context_lengths, memory_length)
+    result = _assemble(baseline, loaded, config, plan, outcomes, run, memory)
+    if perplexity:
+        held_out = _perplexity(baseline, loaded, config, max(context_lengths), seed)
+        result = replace(result, perplexity=held_out)
+    return result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the trial was asked to run."""
+
+    tasks: list[Task]
+    lengths: list[int]
+    samples: int  # per task and length
+    seed: int
+
+    @property
+    def own_runs(self) -> list[tuple[Task, int]]:
+        """(task, length) for the tasks that run themselves (lm-eval), once per length."""
+        return [(task, n) for task in self.tasks if task.runs_itself for n in self.lengths]
+
+
+def _prompts(loaded: LoadedModel, plan: _Plan) -> list[tuple[Task, Sample]]:
+    """Every seeded prompt of the tasks that hand theirs out, with the reference answers of
+    those that need one filled in from `loaded`, the unquantized model."""
+    prompts = [
         (task, s)
-        for task in tasks
+        for task in plan.tasks
         if not task.runs_itself
-        for length in context_lengths
-        for s in task.samples(tok, length, samples, seed)
+        for length in plan.lengths
+        for s in task.samples(loaded.tokenizer, length, plan.samples, plan.seed)
     ]
-    for task, sample in work:
+    for task, sample in prompts:
         if task.needs_reference:
             sample.answer = _reference(loaded, task, sample)
-    # References come from the unquantized model above; everything below runs the trial's weights.
-    baseline, loaded = loaded, quantized_model(loaded, config)
-    model = loaded.model
-    own = [(task, length) for task in tasks if task.runs_itself for length in context_lengths]
-    per_task: dict[str, list[float]] = {t.name: [] for t in tasks}
-    outcomes = []
+    return prompts
+
+
+class _Outcomes:
+    """Scores per task and one outcome per sample, in the order they ran; reports progress."""
+
+    def __init__(self, tasks: list[Task], steps: int, progress: Callable[[int, int], None] | None):
+        self.tasks = {t.name: t for t in tasks}
+        self.scores: dict[str, list[float]] = {t.name: [] for t in tasks}
+        self.rows: list[dict] = []
+        self.steps, self.done, self.progress = steps, 0, progress
+
+    def add(self, task: Task, score: float, facts: dict) -> None:
+        self.scores[task.name].append(score)
+        self.rows.append({"task": task.name, **facts, "correct": score})
+
+    def step(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.steps)
+
+
+@dataclass(frozen=True)
+class _PromptRun:
+    timing: Timing
+    nominal_kv_bits: float | None  # token-weighted over the prompts; None without prompts
+
+
+def _run_prompts(
+    loaded: LoadedModel, config: Config, prompts: list[tuple[Task, Sample]], outcomes: _Outcomes
+) -> _PromptRun:
+    """Answer every prompt through the trial's weights and cache, and score the answers."""
     prefill_tokens = prefill_s = decode_steps = decode_s = 0.0
     reused = 0  # prefills replayed from a recorded forward pass (kvpareto.prefill_reuse)
     cached_tokens = cached_bits = 0.0  # for the mean KV bits, token-weighted over prompts
-    for i, (task, sample) in enumerate(work):
+    for task, sample in prompts:
         ids = torch.tensor([sample.input_ids])
-        gen = generate(model, tok, ids, config, max_new_tokens=task.max_new_tokens)
+        gen = generate(loaded.model, loaded.tokenizer, ids, config, task.max_new_tokens)
         correct = task.score(sample, gen.text)
-        per_task[task.name].append(correct)
-        details = task.details(sample, gen.text)
-        outcomes.append({"task": task.name, **sample.meta, **details, "correct": correct})
+        outcomes.add(task, correct, {**sample.meta, **task.details(sample, gen.text)})
         prefill_tokens += gen.prompt_tokens
         prefill_s += gen.prefill_s
         decode_steps += gen.decode_steps
@@ -83,72 +151,99 @@ def run_trial(
         reused += gen.prefill_reused
         cached_tokens += gen.cache.get_seq_length()
         cached_bits += gen.cache.mean_bits() * gen.cache.get_seq_length()
-        if progress:
-            progress(i + 1, len(work) + len(own))
-    for j, (task, length) in enumerate(own, start=len(work) + 1):
-        # Tasks with their own requests and metrics (lm-eval) score partly right answers too.
-        for index, score in enumerate(task.evaluate(loaded, config, length, samples, seed)):
-            per_task[task.name].append(score)
-            outcomes.append(
-                {"task": task.name, "context_length": length, "index": index, "correct": score}
-            )
-        if progress:
-            progress(j, len(work) + len(own))
+        outcomes.step()
+    timing = Timing(
+        prefill_tokens_per_s=prefill_tokens / prefill_s if prefill_s else None,
+        decode_ms_per_token=1000 * decode_s / decode_steps if decode_steps else None,
+        prefills_reused=reused,
+    )
+    return _PromptRun(timing, cached_bits / cached_tokens if cached_tokens else None)
 
-    # Tasks that run themselves hand back no prompts: their memory is taken at the longest length.
-    longest = max((s.input_ids for _, s in work), key=len, default=None)
+
+def _run_own(loaded: LoadedModel, config: Config, plan: _Plan, outcomes: _Outcomes) -> None:
+    """Run the tasks with their own requests and metrics (lm-eval); they score partly right
+    answers too."""
+    for task, length in plan.own_runs:
+        scores = task.evaluate(loaded, config, length, plan.samples, plan.seed)
+        for index, score in enumerate(scores):
+            outcomes.add(task, score, {"context_length": length, "index": index})
+        outcomes.step()
+
+
+@dataclass(frozen=True)
+class _MemoryAt:
+    memory: Memory
+    effective_kv_bits: float
+    tokens: int  # the length it was measured at
+    longest_prompt_tokens: int
+
+
+def _measure_memory(
+    loaded: LoadedModel,
+    config: Config,
+    prompts: list[tuple[Task, Sample]],
+    lengths: list[int],
+    memory_length: int | None,
+) -> _MemoryAt:
+    """Memory at `memory_length` tokens, or at the longest prompt. Tasks that run themselves
+    hand back no prompts: without any, memory is taken at the longest context length."""
+    longest = max((s.input_ids for _, s in prompts), key=len, default=None)
     memory_prompt = longest
-    memory_length = memory_length or (None if longest else max(context_lengths))
+    memory_length = memory_length or (None if longest else max(lengths))
     if memory_length:
         # KV bytes and activations depend on the length only: any seeded tokens will do.
         gen = torch.Generator().manual_seed(memory_length)
-        vocab = model.get_input_embeddings().num_embeddings
+        vocab = loaded.model.get_input_embeddings().num_embeddings
         memory_prompt = torch.randint(3, vocab, (memory_length,), generator=gen).tolist()
-    memory, modeled, effective_bits = _memory(loaded, config, memory_prompt)
-    hits = [ok for oks in per_task.values() for ok in oks]
-    acc = sum(hits) / len(hits)
-    result = {
-        "model": loaded.spec.name,
-        "model_hash": loaded.model_hash,
-        "config": config.to_dict(),
-        "config_key": config.key(),
-        "label": config.label(),
-        "tasks": {
-            name: {
-                "accuracy": sum(oks) / len(oks),
-                "accuracy_ci": list(mean_interval(oks)),
-                "n": len(oks),
-                "task_hash": get_task(name).task_hash(context_lengths, samples, seed),
-            }
-            for name, oks in per_task.items()
+    memory, effective_bits = _memory(loaded, config, memory_prompt)
+    return _MemoryAt(memory, effective_bits, len(memory_prompt), len(longest or memory_prompt))
+
+
+def _assemble(
+    baseline: LoadedModel,
+    loaded: LoadedModel,
+    config: Config,
+    plan: _Plan,
+    outcomes: _Outcomes,
+    run: _PromptRun,
+    memory: _MemoryAt,
+) -> TrialResult:
+    """The result: scores per task and over all, with what the weights, cache and model were."""
+    hits = [ok for oks in outcomes.scores.values() for ok in oks]
+    model = loaded.model
+    return TrialResult(
+        model=loaded.spec.name,
+        model_hash=loaded.model_hash,
+        config=config,
+        config_key=config.key(),
+        label=config.label(),
+        tasks={
+            name: TaskScore(
+                accuracy=sum(oks) / len(oks),
+                accuracy_ci=mean_interval(oks),
+                n=len(oks),
+                task_hash=outcomes.tasks[name].task_hash(plan.lengths, plan.samples, plan.seed),
+            )
+            for name, oks in outcomes.scores.items()
         },
-        "accuracy": acc,
-        "accuracy_ci": list(mean_interval(hits)),
-        "n": len(hits),
-        # Code bits only (k+v)/2, or the realized widths of adaptive/rule; kept under its old name.
-        "mean_bits": cached_bits / cached_tokens if cached_tokens else None,
-        "nominal_kv_bits": cached_bits / cached_tokens if cached_tokens else None,
-        "effective_kv_bits": effective_bits,
-        "context_lengths": context_lengths,
-        "samples": outcomes,
-        "longest_prompt_tokens": len(longest or memory_prompt),
-        "memory_tokens": len(memory_prompt),
-        "memory": {**memory.to_dict(), "modeled": modeled.to_dict(), "measured": True},
-        "timing": {
-            "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s else None,
-            "decode_ms_per_token": 1000 * decode_s / decode_steps if decode_steps else None,
-            "prefills_reused": reused,
-        },
-        "weights": _weights_summary(loaded, config, baseline),
-        "source_precision": baseline.source_precision.to_dict(),
-        "compute_dtype": dtype_name(compute_dtype(model)),
-        "storage_dtype": dtype_name(storage_dtype(model)),
-        "threads": torch.get_num_threads(),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if perplexity:
-        result["perplexity"] = _perplexity(baseline, loaded, config, max(context_lengths), seed)
-    return result
+        accuracy=sum(hits) / len(hits),
+        accuracy_ci=mean_interval(hits),
+        n=len(hits),
+        nominal_kv_bits=run.nominal_kv_bits,
+        effective_kv_bits=memory.effective_kv_bits,
+        context_lengths=plan.lengths,
+        samples=outcomes.rows,
+        longest_prompt_tokens=memory.longest_prompt_tokens,
+        memory_tokens=memory.tokens,
+        memory=memory.memory,
+        timing=run.timing,
+        weights=_weights_facts(loaded, config, baseline),
+        source_precision=baseline.source_precision,
+        compute_dtype=dtype_name(compute_dtype(model)),
+        storage_dtype=dtype_name(storage_dtype(model)),
+        threads=torch.get_num_threads(),
+        when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 _REFERENCES: dict[tuple, str] = {}
@@ -157,21 +252,15 @@ _BASELINE_PERPLEXITY: dict[tuple, float] = {}
 
 def _perplexity(
     baseline: LoadedModel, loaded: LoadedModel, config: Config, n_tokens: int, seed: int
-) -> dict:
+) -> Perplexity:
     """Perplexity of the held-out text's second half through the cache (`tasks.perplexity`),
     and its change from the 16-bit baseline (unquantized weights and cache), computed once."""
     ids = torch.tensor([held_out_ids(loaded.tokenizer, n_tokens, seed)])
     key = (baseline.model_hash, source(), n_tokens, seed)
     if key not in _BASELINE_PERPLEXITY:
         _BASELINE_PERPLEXITY[key] = _ppl(baseline.model, ids, Config())
-    value, base = _ppl(loaded.model, ids, config), _BASELINE_PERPLEXITY[key]
-    return {
-        "value": value,
-        "tokens": n_tokens - n_tokens // 2,
-        "text": source(),
-        "baseline": base,
-        "delta_vs_baseline": value - base,
-    }
+    value = _ppl(loaded.model, ids, config)
+    return Perplexity(value, n_tokens - n_tokens // 2, source(), _BASELINE_PERPLEXITY[key])
 
 
 def _ppl(model, ids: torch.Tensor, config: Config) -> float:
@@ -189,9 +278,7 @@ def _reference(loaded: LoadedModel, task, sample) -> str:
     return _REFERENCES[key]
 
 
-def _memory(
-    loaded: LoadedModel, config: Config, prompt: list[int]
-) -> tuple[MemoryParts, MemoryParts, float]:
+def _memory(loaded: LoadedModel, config: Config, prompt: list[int]) -> tuple[Memory, float]:
     """Measured and modeled memory for `prompt`, and the effective bits per cached value there:
     the bytes the cache holds at the prompt's end (scales, zeros, full-precision tail and the
     unfilled rows of each store's last block included; modeled, which the tests hold equal to
@@ -208,10 +295,10 @@ def _memory(
         modeled_activation_peak(model.config, config, len(prompt), compute_dtype(model), storage),
     )
     effective = 8 * cache.modeled_nbytes(len(prompt)) / cache.stored_values(len(prompt))
-    return measured, modeled, effective
+    return Memory(measured, modeled), effective
 
 
-def _weights_summary(loaded: LoadedModel, config: Config, baseline: LoadedModel) -> dict:
+def _weights_facts(loaded: LoadedModel, config: Config, baseline: LoadedModel) -> WeightsFacts:
     """What the weights were: method, the group sizes actually used, whether read from disk,
     the path their layers take per phase on this machine, and whether they rebuild the grid the
     unquantized weights were stored on upstream."""
@@ -220,16 +307,16 @@ def _weights_summary(loaded: LoadedModel, config: Config, baseline: LoadedModel)
 
     method, group, backend = config.weight_method
     groups = sorted({m.group for m in loaded.model.modules() if isinstance(m, PackedLinear)})
-    return {
-        "method": method,
-        "group_size": group or None,
-        "effective_group_sizes": groups if method in ("int4", "awq4") else [],
-        "awq_backend": backend or None,
-        "from_cache": loaded.from_cache if method != "none" else None,
-        "kernels": kernel_summary(loaded.model) or None,
-        "source_block_measured": measured_block(baseline.model),
-        "reproduces_source_grid": reproduces_source_grid(baseline.model, config),
-    }
+    return WeightsFacts(
+        method=method,
+        group_size=group or None,
+        effective_group_sizes=tuple(groups) if method in ("int4", "awq4") else (),
+        awq_backend=backend or None,
+        from_cache=loaded.from_cache if method != "none" else None,
+        kernels=kernel_summary(loaded.model) or None,
+        source_block_measured=measured_block(baseline.model),
+        reproduces_source_grid=reproduces_source_grid(baseline.model, config),
+    )
 
 
 def _check_lengths(loaded: LoadedModel, lengths: list[int], answer_tokens: int) -> None:

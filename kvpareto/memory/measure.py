@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 
 import torch
 from torch.profiler import ProfilerActivity
@@ -26,20 +25,6 @@ from kvpareto.engine import prefill
 from kvpareto.hf_compat import with_cache
 from kvpareto.kv.adaptive import make_cache
 from kvpareto.weights.packed_linear import resolve_kernel_paths
-
-
-@dataclass
-class MemoryParts:
-    weights_bytes: int
-    kv_bytes: int  # the most the KV cache held during prefill (see measure_prefill)
-    activation_peak_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.activation_peak_bytes
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "total_bytes": self.total_bytes}
 
 
 def _unique_storages(tensors) -> dict[int, int]:

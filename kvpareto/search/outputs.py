@@ -33,12 +33,15 @@ def is_baseline(row: dict) -> bool:
 
 
 def trial_rows(study) -> list[dict]:
+    """One row per trial, from what the study keeps on it: failed trials have no figures."""
+    from kvpareto.evaluation.result import PARTS, TrialFigures
+
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        mem = a.get("memory") or {}
-        modeled = mem.get("modeled") or {}
+        figures = TrialFigures.from_user_attrs(a)
         config = a.get("config") or a.get("fixed_config") or {}
+        ppl = figures.perplexity
         row = {
             "trial": t.number,
             "state": t.state.name,
@@ -47,9 +50,9 @@ def trial_rows(study) -> list[dict]:
             **{
                 f"cfg_{k}": (json.dumps(v) if isinstance(v, dict) else v) for k, v in config.items()
             },
-            "accuracy": a.get("accuracy"),
-            "accuracy_lo": (a.get("accuracy_ci") or [None, None])[0],
-            "accuracy_hi": (a.get("accuracy_ci") or [None, None])[1],
+            "accuracy": figures.accuracy,
+            "accuracy_lo": figures.accuracy_ci[0],
+            "accuracy_hi": figures.accuracy_ci[1],
             "feasible": all(v <= 0 for v in t.constraints.values())
             if t.state.name == "COMPLETE"
             else None,
@@ -59,21 +62,22 @@ def trial_rows(study) -> list[dict]:
             # every failure the objective catches records its error; one without was cut short
             "error": a.get("error") or (INTERRUPTED if t.state.name == "FAIL" else None),
             "duration_s": t.duration.total_seconds() if t.duration else None,
-            "prefill_tokens_per_s": (a.get("timing") or {}).get("prefill_tokens_per_s"),
-            "decode_ms_per_token": (a.get("timing") or {}).get("decode_ms_per_token"),
+            "prefill_tokens_per_s": figures.prefill_tokens_per_s,
+            "decode_ms_per_token": figures.decode_ms_per_token,
             # Realized mean KV code bits (token-weighted; the point of kv_scheme adaptive/rule).
-            "mean_bits": a.get("mean_bits"),
+            "mean_bits": figures.mean_bits,
             # What a cached value costs: KV bytes x 8 / values stored, scales and tail included.
-            "effective_kv_bits": a.get("effective_kv_bits"),
+            "effective_kv_bits": figures.effective_kv_bits,
             # Held-out perplexity, when the study measures it: a metric beside accuracy.
-            "perplexity": (a.get("perplexity") or {}).get("value"),
-            "delta_perplexity": (a.get("perplexity") or {}).get("delta_vs_baseline"),
+            "perplexity": ppl.value if ppl else None,
+            "delta_perplexity": ppl.delta_vs_baseline if ppl else None,
             # Per-sample outcomes (task, length, depth, correct), for the report's heatmaps.
-            "samples_json": json.dumps(a.get("samples") or []),
+            "samples_json": json.dumps(list(figures.samples)),
         }
-        for part in ("weights_bytes", "kv_bytes", "activation_peak_bytes", "total_bytes"):
-            row[part] = mem.get(part)
-            row[f"modeled_{part}"] = modeled.get(part)
+        memory = figures.memory
+        for part in PARTS:
+            row[part] = getattr(memory.measured, part) if memory else None
+            row[f"modeled_{part}"] = getattr(memory.modeled, part) if memory else None
         if config:
             from kvpareto.config import Config
 

@@ -5,9 +5,10 @@
   SQLite locks badly under concurrent writers;
 - any `postgresql://` URL for workers on many machines (Optuna's RDB storage coordinates them).
 
-The trial cache maps (config, tasks, model, evaluation settings) to a finished trial record, as
-one JSON file per key, written to a temporary name and renamed so readers never see half a file.
-It is shared by every study of a model, so a re-run or a duplicate proposal costs nothing.
+The trial cache maps (config, tasks, model, evaluation settings) to a finished `TrialResult`, as
+one JSON file per key (its record, `TrialResult.to_dict`), written to a temporary name and renamed
+so readers never see half a file. It is shared by every study of a model, so a re-run or a
+duplicate proposal costs nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from kvpareto.errors import UserError
+from kvpareto.evaluation.result import RecordError, TrialResult
 
 _POSTGRES = ("postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://")
 
@@ -97,15 +99,22 @@ class TrialCache:
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str) -> TrialResult | None:
+        """The result stored under `key`; None when there is none (or only half a file). A
+        record of another shape raises `RecordError`, naming the file."""
+        path = self._path(key)
         try:
-            return json.loads(self._path(key).read_text())
+            record = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+        try:
+            return TrialResult.from_dict(record)
+        except RecordError as e:
+            raise RecordError(f"{path}: {e}; delete it to run the trial again") from None
 
-    def put(self, key: str, record: dict) -> None:
+    def put(self, key: str, result: TrialResult) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
+            json.dump(result.to_dict(), f)
         os.replace(tmp, self._path(key))

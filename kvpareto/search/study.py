@@ -1,8 +1,8 @@
 """`kvpareto search`: a multi-objective Optuna study per model over a search space.
 
-Each trial is one Config evaluated by `trial.run_trial`: objectives are total memory in MB at the
-declared context length (minimize) and mean accuracy (maximize), optionally decode latency. The
-memory budget is a constraint, set with `trial.set_constraint` (feasible when <= 0).
+Each trial is one Config evaluated by `evaluation.trial.run_trial`: objectives are total memory in
+MB at the declared context length (minimize) and mean accuracy (maximize), optionally decode
+latency. The memory budget is a constraint, set with `trial.set_constraint` (feasible when <= 0).
 
 Reliability rules:
 - Baselines are enqueued first: the 16-bit cache, then the space's own `baselines`.
@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kvpareto.config import Config
 from kvpareto.errors import UserError
+from kvpareto.evaluation.result import TrialResult
 from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
 from kvpareto.search.space import SearchSpace, canonical
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
@@ -270,49 +271,51 @@ class Search:
         self.space = narrowed
 
     def objective(self, trial):
-        from kvpareto.evaluation.trial import run_trial
-        from kvpareto.weights.source_grid import reproduces_source_grid
-
         fixed = trial.user_attrs.get("fixed_config")
         n_layers = self.loaded.model.config.get_text_config().num_hidden_layers
         config = Config.from_dict(fixed) if fixed else self.space.suggest(trial, n_layers)
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("label", config.label())
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        try:
+            result = self._result(trial, config)
+        except Exception as e:  # noqa: BLE001  (any failure is recorded and the search goes on)
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
+            raise
+        for name, value in result.study_attrs().items():
+            trial.set_user_attr(name, value)
+        memory_mb = result.memory.measured.total_bytes / 1e6
+        budget = self.s.budget_mb
+        trial.set_constraint("memory_budget_mb", memory_mb - budget if budget else -1.0)
+        values = [memory_mb, result.accuracy]
+        if "latency" in self.s.objectives:
+            values.append(result.timing.decode_ms_per_token or 0.0)
+        return values
+
+    def _result(self, trial, config: Config) -> TrialResult:
+        """The trial cache's result for `config`, or a fresh trial's, then cached."""
+        from kvpareto.evaluation.trial import run_trial
+        from kvpareto.weights.source_grid import reproduces_source_grid
+
         key = eval_key(config, self.loaded.model_hash, self.s)
-        record = self.cache.get(key)
-        trial.set_user_attr("cached", record is not None)
+        result = self.cache.get(key)
+        trial.set_user_attr("cached", result is not None)
         trial.set_user_attr(
             "reproduces_source_grid", reproduces_source_grid(self.loaded.model, config)
         )
-        if record is None:
-            try:
-                record = run_trial(
-                    self.loaded,
-                    config,
-                    self.s.tasks,
-                    self.s.task_lengths,
-                    self.s.samples,
-                    self.s.seed,
-                    memory_length=self.s.context_length,
-                    perplexity=self.s.perplexity,
-                )
-            except Exception as e:  # noqa: BLE001  (any failure is recorded and the search goes on)
-                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
-                raise
-            self.cache.put(key, record)
-        for name in ("accuracy", "accuracy_ci", "memory", "timing", "tasks", "samples"):
-            trial.set_user_attr(name, record[name])
-        for name in ("perplexity", "mean_bits", "effective_kv_bits"):
-            if name in record:  # records cached before a figure existed lack it
-                trial.set_user_attr(name, record[name])
-        memory_mb = record["memory"]["total_bytes"] / 1e6
-        budget = self.s.budget_mb
-        trial.set_constraint("memory_budget_mb", memory_mb - budget if budget else -1.0)
-        values = [memory_mb, record["accuracy"]]
-        if "latency" in self.s.objectives:
-            values.append(record["timing"]["decode_ms_per_token"] or 0.0)
-        return values
+        if result is None:
+            result = run_trial(
+                self.loaded,
+                config,
+                self.s.tasks,
+                self.s.task_lengths,
+                self.s.samples,
+                self.s.seed,
+                memory_length=self.s.context_length,
+                perplexity=self.s.perplexity,
+            )
+            self.cache.put(key, result)
+        return result
 
     def run(
         self, n_trials: int | None, on_trial=None, stop=None, target: int | None = None

@@ -13,13 +13,10 @@ compute dtype: in SmolLM2 and Gemma3 the head is tied to the embedding, and quan
 either untie it (more bytes, not fewer) or quantize a lookup table, which this project does not
 study. Group sizes that do not divide a layer's width follow `packed_linear.weight_group`.
 
-Calibration text is local and shares nothing with what is evaluated: the docstrings of a few
-standard-library modules (`CALIBRATION_MODULES`), which overlap neither the task generators'
-prompts nor the perplexity text (`pydoc_data.topics`, the language reference). Calibrating on
-evaluation prompts would let AWQ fit the very facts it is then scored on. The text's source (with
-the Python version, whose release its docstrings are) and its token ids are hashed into the cache
-key with the model hash, method, group size and backend, so a second use reloads the packed
-tensors from disk in about a second instead of repeating the AWQ search.
+A method that calibrates (AWQ) is given its data by the caller, as a `Calibration`: token ids and
+a name of their source. Both are hashed into the cache key with the model hash, method, group
+size and backend, so a second use reloads the packed tensors from disk in about a second instead
+of repeating the AWQ search.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -43,12 +39,17 @@ from kvpareto.weights.awq_backends import check_backend
 from kvpareto.weights.packed_linear import LAYOUTS, PackedLinear, weight_group
 
 CACHE_FORMAT = 3  # 3: kernel layouts (int4pack, int8 codes, bf16 scales)
-CALIBRATION_SEQS = 8
-CALIBRATION_TOKENS = 256
-# English prose with a little code, about 3.6k SmolLM2 tokens together, of which 2048 are used.
-CALIBRATION_MODULES = ("argparse", "collections", "json", "itertools", "re")
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a calibrating quantizer is fitted on: token ids [sequences, tokens], and a name of
+    the text they were cut from, which the weight-cache key carries beside the ids' hash."""
+
+    source: str
+    ids: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -90,17 +91,27 @@ QUANTIZERS: dict[str, WeightQuantizer] = {
 _LAST: dict[str, object] = {}  # cache key -> LoadedModel
 
 
-def quantized_model(loaded, config: Config, progress: Progress | None = None):
-    """`loaded` with its weights quantized as `config` says (the same object for `none`)."""
+def quantized_model(
+    loaded,
+    config: Config,
+    calibration: Callable[[object], Calibration] | None = None,
+    progress: Progress | None = None,
+):
+    """`loaded` with its weights quantized as `config` says (the same object for `none`).
+
+    `calibration(tokenizer)` gives the data of a method that calibrates (awq4); it is called
+    for such a method only, and such a method needs it."""
     method, group, backend = config.weight_method
     if method == "none":
         return loaded
     if backend:
         check_backend(backend)
-    calibration = (
-        calibration_ids(loaded.tokenizer) if QUANTIZERS[method].needs_calibration else None
-    )
-    key = _cache_key(loaded.model_hash, method, group, backend, calibration)
+    data = None
+    if QUANTIZERS[method].needs_calibration:
+        if calibration is None:
+            raise ValueError(f"{method} is fitted on calibration data: pass calibration=")
+        data = calibration(loaded.tokenizer)
+    key = _cache_key(loaded.model_hash, method, group, backend, data)
     if key in _LAST:
         return _LAST[key]
     folder = _cache_dir(key)
@@ -109,31 +120,14 @@ def quantized_model(loaded, config: Config, progress: Progress | None = None):
         from_cache = True
     else:
         model = copy.deepcopy(loaded.model)
-        info = QUANTIZERS[method].quantize(model, group, calibration, progress or _bar(method))
+        ids = data.ids if data else None
+        info = QUANTIZERS[method].quantize(model, group, ids, progress or _bar(method))
         _save(model, info, folder)
         from_cache = False
     result = replace(loaded, model=model, from_cache=from_cache, weights_info=info)
     _LAST.clear()
     _LAST[key] = result
     return result
-
-
-def calibration_source() -> str:
-    """What the calibration text is, for cache keys: its modules and the Python they ship with."""
-    return f"CPython {platform.python_version()} docstrings of {', '.join(CALIBRATION_MODULES)}"
-
-
-def calibration_ids(tokenizer) -> torch.Tensor:
-    """[CALIBRATION_SEQS, CALIBRATION_TOKENS] token ids of `CALIBRATION_MODULES`' docstrings."""
-    import importlib
-    import inspect
-
-    text = "\n\n".join(inspect.getdoc(importlib.import_module(m)) for m in CALIBRATION_MODULES)
-    stream = tokenizer.encode(text, add_special_tokens=False)
-    need = CALIBRATION_SEQS * CALIBRATION_TOKENS
-    if len(stream) < need:
-        raise ValueError(f"calibration text has {len(stream)} tokens, fewer than {need}")
-    return torch.tensor(stream[:need]).reshape(CALIBRATION_SEQS, CALIBRATION_TOKENS)
 
 
 @torch.inference_mode()
@@ -181,10 +175,10 @@ def _decoder_linears(model):
     return found
 
 
-def _cache_key(model_hash, method, group, backend, calibration) -> str:
+def _cache_key(model_hash, method, group, backend, calibration: Calibration | None) -> str:
     calib = None
     if calibration is not None:
-        calib = [calibration_source(), hashlib.sha256(calibration.numpy()).hexdigest()]
+        calib = [calibration.source, hashlib.sha256(calibration.ids.numpy()).hexdigest()]
     # int4pack's byte order follows the CPU's ISA: a cache from another ISA must not be read.
     blob = json.dumps([CACHE_FORMAT, int4pack.layout(), model_hash, method, group, backend, calib])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

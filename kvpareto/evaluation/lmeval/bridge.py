@@ -76,6 +76,7 @@ class KVParetoLM(HFLM):
         if str(batch_size) != "1":
             raise UserError(f"the kvpareto model runs one request at a time; got {batch_size=}")
         if loaded is None:
+            from kvpareto.evaluation.calibration_data import calibration
             from kvpareto.weights.quantize import quantized_model
 
             config = config_from_args(knobs)
@@ -86,7 +87,7 @@ class KVParetoLM(HFLM):
                 dtype=getattr(torch, compute.name),
                 storage_dtype=getattr(torch, storage),
             )
-            loaded = quantized_model(base, config)
+            loaded = quantized_model(base, config, calibration)
         self.loaded = loaded
         self.kvpareto_config = config or Config()
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1)
