@@ -100,17 +100,14 @@ class TrialCache:
         return self.folder / f"{key}.json"
 
     def get(self, key: str) -> TrialResult | None:
-        """The result stored under `key`; None when there is none (or only half a file). A
-        record of another shape raises `RecordError`, naming the file."""
+        """The result stored under `key`; None when there is none, only half a file, or a
+        record of another shape (an older kvpareto's): the trial then runs again, and its new
+        record replaces the old one, so no stale figure is ever served."""
         path = self._path(key)
         try:
-            record = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            return TrialResult.from_dict(json.loads(path.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, RecordError):
             return None
-        try:
-            return TrialResult.from_dict(record)
-        except RecordError as e:
-            raise RecordError(f"{path}: {e}; delete it to run the trial again") from None
 
     def put(self, key: str, result: TrialResult) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
