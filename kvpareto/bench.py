@@ -173,7 +173,7 @@ def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> li
     dtype = next(base.parameters()).dtype
     models, seconds = {"none": base}, {}
     for method in WEIGHT_METHODS:
-        quantizer = QUANTIZERS[method]
+        quantizer = QUANTIZERS.get(method)
         start = time.perf_counter()
         calibration = calibration_ids(loaded.tokenizer) if quantizer.needs_calibration else None
         model = copy.deepcopy(base)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpareto.errors import UserError
+from kvpareto.registry import Registry
 
 
 @dataclass
@@ -64,24 +65,14 @@ class Scorer:
         raise NotImplementedError
 
 
-SCORERS: dict[str, type[Scorer]] = {}
-
-
-def register_scorer(name: str):
-    def wrap(cls):
-        SCORERS[name] = cls
-        return cls
-
-    return wrap
+SCORERS: Registry[type[Scorer]] = Registry("prune scorer")
 
 
 def make_scorer(name: str) -> Scorer:
-    if name not in SCORERS:
-        raise UserError(f"unknown prune scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
-    return SCORERS[name]()
+    return SCORERS.get(name)()
 
 
-@register_scorer("knorm")
+@SCORERS.register("knorm")
 @dataclass
 class KeyNorm(Scorer):
     """Keys with a low L2 norm draw the most attention, so they are kept (Devoto et al., "A Simple
@@ -91,7 +82,7 @@ class KeyNorm(Scorer):
         return -chunk.new_keys.float().norm(dim=-1)
 
 
-@register_scorer("streaming")
+@SCORERS.register("streaming")
 @dataclass
 class Streaming(Scorer):
     """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
@@ -104,7 +95,7 @@ class Streaming(Scorer):
         return positions.float().expand(b, h, -1)
 
 
-@register_scorer("random")
+@SCORERS.register("random")
 @dataclass
 class Random(Scorer):
     """Uniform random importance: the control that a real scorer must beat. One seeded generator
@@ -120,7 +111,7 @@ class Random(Scorer):
         return torch.rand(b, h, chunk.n_new, generator=self._generator).to(chunk.keys.device)
 
 
-@register_scorer("snapkv")
+@SCORERS.register("snapkv")
 @dataclass
 class SnapKV(Scorer):
     """SnapKV (Li et al., "SnapKV: LLM Knows What You Are Looking for Before Generation",

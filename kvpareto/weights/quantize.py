@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from kvpareto.config import Config
+from kvpareto.registry import Registry
 from kvpareto.weights import int4pack
 from kvpareto.weights.awq_backends import check_backend
 from kvpareto.weights.packed_linear import LAYOUTS, PackedLinear, weight_group
@@ -79,11 +80,10 @@ class AWQQuantizer(WeightQuantizer):
         return scales
 
 
-QUANTIZERS: dict[str, WeightQuantizer] = {
-    "int8": WeightQuantizer(bits=8, symmetric=True, grouped=False),
-    "int4": WeightQuantizer(bits=4, symmetric=False, grouped=True),
-    "awq4": AWQQuantizer(bits=4, symmetric=False, grouped=True, needs_calibration=True),
-}
+QUANTIZERS: Registry[WeightQuantizer] = Registry("weight quantizer")
+QUANTIZERS.add("int8", WeightQuantizer(bits=8, symmetric=True, grouped=False))
+QUANTIZERS.add("int4", WeightQuantizer(bits=4, symmetric=False, grouped=True))
+QUANTIZERS.add("awq4", AWQQuantizer(bits=4, symmetric=False, grouped=True, needs_calibration=True))
 
 
 # One quantized model is kept per process: a search tries many KV settings on the same weights.
@@ -97,9 +97,8 @@ def quantized_model(loaded, config: Config, progress: Progress | None = None):
         return loaded
     if backend:
         check_backend(backend)
-    calibration = (
-        calibration_ids(loaded.tokenizer) if QUANTIZERS[method].needs_calibration else None
-    )
+    quantizer = QUANTIZERS.get(method)
+    calibration = calibration_ids(loaded.tokenizer) if quantizer.needs_calibration else None
     key = _cache_key(loaded.model_hash, method, group, backend, calibration)
     if key in _LAST:
         return _LAST[key]
@@ -109,7 +108,7 @@ def quantized_model(loaded, config: Config, progress: Progress | None = None):
         from_cache = True
     else:
         model = copy.deepcopy(loaded.model)
-        info = QUANTIZERS[method].quantize(model, group, calibration, progress or _bar(method))
+        info = quantizer.quantize(model, group, calibration, progress or _bar(method))
         _save(model, info, folder)
         from_cache = False
     result = replace(loaded, model=model, from_cache=from_cache, weights_info=info)
