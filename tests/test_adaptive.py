@@ -17,7 +17,8 @@ from kvpareto.errors import UserError
 from kvpareto.evaluation.controller_training import attention_error, fit_controller, label_tokens
 from kvpareto.evaluation.trial import run_trial
 from kvpareto.hf_compat import with_cache
-from kvpareto.kv.adaptive import AdaptiveKVLayer, _Pool, make_cache, quota
+from kvpareto.kv import make_cache
+from kvpareto.kv.adaptive import AdaptiveKVLayer, _Pool, quota
 from kvpareto.kv.controller import RuleController, load_controller, water_fill
 from kvpareto.kv.features import FEATURES, frequency_counts
 from kvpareto.models import load_model

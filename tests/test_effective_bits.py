@@ -8,7 +8,7 @@ import torch
 from kvpareto.config import Config
 from kvpareto.engine import prefill
 from kvpareto.evaluation.trial import run_trial
-from kvpareto.kv.adaptive import make_cache
+from kvpareto.kv import make_cache
 from kvpareto.tasks import Task, register_task
 
 # Known answers at 64 tokens: bf16 holds 16 bits a value; int4 per-token in groups of 32 adds an

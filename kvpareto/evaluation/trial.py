@@ -16,7 +16,7 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.engine import generate, score_tokens
-from kvpareto.kv.adaptive import make_cache
+from kvpareto.kv import make_cache
 from kvpareto.memory.measure import (
     MemoryParts,
     measure_prefill,
@@ -200,14 +200,14 @@ def _memory(
     ids = torch.tensor([prompt])
     activation, kv = measure_prefill(model, ids, config)
     storage = storage_dtype(model)
-    cache = make_cache(model, config, storage, prompt_length=len(prompt))
+    with make_cache(model, config, storage, prompt_length=len(prompt)) as cache:
+        modeled_kv, effective = cache.modeled_peak_nbytes(), cache.effective_bits(len(prompt))
     measured = MemoryParts(weights_bytes_measured(model), kv, activation)
     modeled = MemoryParts(
         weights_bytes_modeled(model),
-        cache.modeled_peak_nbytes(),
+        modeled_kv,
         modeled_activation_peak(model.config, config, len(prompt), compute_dtype(model), storage),
     )
-    effective = 8 * cache.modeled_nbytes(len(prompt)) / cache.stored_values(len(prompt))
     return measured, modeled, effective
 
 
