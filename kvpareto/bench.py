@@ -1,8 +1,9 @@
 """Speed and memory benchmarks, reported as ratios against baselines measured in the same run.
 
 Targets live here, not in tests: tests check behaviour, wall time belongs to benchmarks.
-- decode tokens/s of our cache at 16/8/4/2 bits over transformers' DynamicCache, and at 4 bits
-  of the fused decode path over the reference path (the history dequantized for SDPA);
+- decode tokens/s of our static cache at 16/8/4/2 bits and of the adaptive scheme at a mean of 4
+  bits over transformers' DynamicCache, and at 4 bits of the fused decode path over the
+  reference path (the history dequantized for SDPA);
 - ours at 4 bits over transformers' QuantizedCache with the quanto backend at 4 bits;
 - prefill tokens/s chunked over unchunked;
 - the measured activation peak against chunk size;
@@ -25,10 +26,12 @@ from transformers import DynamicCache
 from kvpareto.config import Config
 from kvpareto.engine import prefill
 from kvpareto.hf_compat import with_cache
-from kvpareto.kv.static import QuantizedKVCache
+from kvpareto.kv import make_cache
+from kvpareto.kv.base import KVCache
 from kvpareto.memory.measure import measure_prefill
 
 KV_BITS = (16, 8, 4, 2)
+ADAPTIVE = Config(kv_scheme="adaptive", target_mean_bits=4.0)
 CHUNKS = (0, 256, 512, 1024)
 
 
@@ -80,6 +83,9 @@ def model_decode_rates(runs: dict[str, tuple], prompt: torch.Tensor, steps: int,
                 token = out.logits[:, -1].argmax(-1)
             timings[name].append(steps / (time.perf_counter() - start))
             live[name] = (model, cache, token)
+    for _, cache, _ in live.values():
+        if isinstance(cache, KVCache):
+            cache.close()
     return {name: statistics.median(rates) for name, rates in timings.items()}
 
 
@@ -88,10 +94,10 @@ def prefill_rate(model, config: Config, prompt: torch.Tensor, repeats: int) -> f
     dtype = next(model.parameters()).dtype
     times = []
     for _ in range(repeats):
-        cache = QuantizedKVCache(model.config, config, dtype)
-        start = time.perf_counter()
-        prefill(model, prompt, cache, config.chunk_size)
-        times.append(time.perf_counter() - start)
+        with make_cache(model, config, dtype) as cache:
+            start = time.perf_counter()
+            prefill(model, prompt, cache, config.chunk_size)
+            times.append(time.perf_counter() - start)
     return prompt.shape[1] / statistics.median(times)
 
 
@@ -103,33 +109,36 @@ def run_bench(model, lengths: list[int], steps: int = 16, repeats: int = 3, log=
         caches: dict[str, Callable] = {"dynamic": lambda: DynamicCache(config=model.config)}
         if _has_quanto():
             caches["quanto4"] = lambda: _quanto_cache(model.config)
-        paths = {}
+        ours = {}  # cache name -> (scheme, bits, decode path)
         for bits in KV_BITS:
             cfg = Config(k_bits=bits, v_bits=bits)
-            caches[f"ours{bits}"] = lambda c=cfg: QuantizedKVCache(model.config, c, dtype)
+            caches[f"ours{bits}"] = lambda c=cfg: make_cache(model, c, dtype)
             fused = any(layer.fused for layer in caches[f"ours{bits}"]().layers)
-            paths[bits] = "fused" if fused else "reference"
-        if paths[4] == "fused":
-            caches["ours4-reference"] = lambda: QuantizedKVCache(
-                model.config, Config(k_bits=4, v_bits=4), dtype, fused=False
+            ours[f"ours{bits}"] = ("static", bits, "fused" if fused else "reference")
+        if ours["ours4"][2] == "fused":
+            caches["ours4-reference"] = lambda: make_cache(
+                model, Config(k_bits=4, v_bits=4), dtype, fused=False
             )
+        caches["adaptive4"] = lambda: make_cache(model, ADAPTIVE, dtype)
+        ours["adaptive4"] = ("adaptive", 4, "reference")
         rates = decode_rates(model, caches, prompt, steps, repeats)
         base, quanto = rates["dynamic"], rates.get("quanto4")
         reference = rates.get("ours4-reference")
         log(f"{length}: decode tok/s " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
-        for bits in KV_BITS:
-            ours = rates[f"ours{bits}"]
+        for name, (scheme, bits, path) in ours.items():
+            rate, static4 = rates[name], name == "ours4"
             rows["decode"].append(
                 {
                     "context": length,
+                    "scheme": scheme,
                     "kv_bits": bits,
-                    "tokens_per_s": ours,
+                    "tokens_per_s": rate,
                     "dynamic_tokens_per_s": base,
-                    "vs_dynamic": ours / base,
+                    "vs_dynamic": rate / base,
                     "quanto4_tokens_per_s": quanto,
-                    "vs_quanto4": ours / quanto if quanto and bits == 4 else None,
-                    "path": paths[bits],
-                    "vs_reference": ours / reference if reference and bits == 4 else None,
+                    "vs_quanto4": rate / quanto if quanto and bits == 4 else None,
+                    "path": path,
+                    "vs_reference": rate / reference if reference and static4 else None,
                 }
             )
         unchunked = prefill_rate(model, Config(k_bits=4, v_bits=4), prompt, repeats)
@@ -174,7 +183,7 @@ def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> li
     dtype = next(base.parameters()).dtype
     models, seconds = {"none": base}, {}
     for method in WEIGHT_METHODS:
-        quantizer = QUANTIZERS[method]
+        quantizer = QUANTIZERS.get(method)
         start = time.perf_counter()
         calibration = calibration_ids(loaded.tokenizer) if quantizer.needs_calibration else None
         model = copy.deepcopy(base)
@@ -182,10 +191,7 @@ def weight_bench(loaded, length: int, steps: int, repeats: int, log=print) -> li
         seconds[method] = time.perf_counter() - start
         models[method] = model
         log(f"weights {method} g64: quantized in {seconds[method]:.1f} s")
-    runs = {
-        name: (m, lambda m=m: QuantizedKVCache(m.config, Config(), dtype))
-        for name, m in models.items()
-    }
+    runs = {name: (m, lambda m=m: make_cache(m, Config(), dtype)) for name, m in models.items()}
     rates = model_decode_rates(runs, _prompt(length, base), steps, repeats)
     base_bytes = weights_bytes_measured(base)
     rows = []
@@ -328,7 +334,7 @@ def targets(rows: dict) -> list[dict]:
     if "dtype" in rows:
         add("prefill tok/s, auto ÷ bf16", rows["dtype"]["auto_vs_bf16"], None, None)
     for r in rows.get("decode", []):
-        if r["kv_bits"] in (16, 4):
+        if r["scheme"] == "static" and r["kv_bits"] in (16, 4):
             measure = f"{r['kv_bits']}-bit KV decode ÷ DynamicCache at {r['context']}"
             add(measure, r["vs_dynamic"], None, None)
     return found

@@ -342,7 +342,7 @@ def _print_kv_bench(rows: dict, compute, storage: str) -> None:
         vs_ref = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else ""
         decode.add_row(
             str(r["context"]),
-            str(r["kv_bits"]),
+            str(r["kv_bits"]) if r["scheme"] == "static" else f"{r['scheme']} {r['kv_bits']}",
             r["path"],
             f"{r['tokens_per_s']:.1f}",
             f"{r['vs_dynamic']:.2f}x",

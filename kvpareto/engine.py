@@ -1,13 +1,14 @@
 """The only place that calls the model: chunked prefill, then greedy decode with a stop rule.
 
-Prefill feeds the prompt in chunks of `chunk_size` tokens (0 = one chunk) through a fresh
-`QuantizedKVCache`, asking for the last position's logits only (full logits would dominate the
-activation peak). With token pruning, the prompt's tokens are evicted chunk by chunk as they
-arrive (`kvpareto.kv.pruning`), and a scorer that needs queries gets them from hooks that live
-only as long as the prefill. Decode then appends one greedy token at a time until an
-end-of-sequence token, a stop string, or `max_new_tokens`. A one-chunk prefill into a static,
-unpruned cache is computed once per model and prompt and replayed into later caches
-(`kvpareto.prefill_reuse`): its forward pass does not depend on the KV configuration.
+Prefill feeds the prompt in chunks of `chunk_size` tokens (0 = one chunk) through a fresh cache
+of the config's scheme (`kvpareto.kv.make_cache`, closed when the call is done), asking for the
+last position's logits only (full logits would dominate the activation peak). With token
+pruning, the prompt's tokens are evicted chunk by chunk as they arrive (`kvpareto.kv.pruning`),
+and a scorer that needs queries gets them from hooks that live only as long as the prefill.
+Decode then appends one greedy token at a time until an end-of-sequence token, a stop string,
+or `max_new_tokens`. A one-chunk prefill into a static, unpruned cache is computed once per model
+and prompt and replayed into later caches (`kvpareto.prefill_reuse`): its forward pass does not
+depend on the KV configuration.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 
 from kvpareto.config import Config, LayerBits
 from kvpareto.hf_compat import with_cache
-from kvpareto.kv.adaptive import make_cache
+from kvpareto.kv import make_cache
+from kvpareto.kv.base import KVCache
 from kvpareto.kv.pruning import observe_queries
-from kvpareto.kv.static import QuantizedKVCache
 from kvpareto.prefill_reuse import STORE, record_prefill, replay_prefill, reusable
 
 # Bumped when teacher-forced scoring changes what it returns; it enters the cache keys of what
@@ -42,7 +43,7 @@ class Generation:
     kv_bytes_after_prefill: int  # measured, at the end of the prompt
     prefill_s: float
     decode_s: float
-    cache: QuantizedKVCache
+    cache: KVCache  # closed (`KVCache.close`): its bytes are there to read, not to extend
     prefill_reused: bool = False  # replayed from a recorded prefill (see prefill_reuse)
 
     @property
@@ -59,9 +60,7 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def prefill(
-    model, input_ids: torch.Tensor, cache: QuantizedKVCache, chunk_size: int
-) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, cache: KVCache, chunk_size: int) -> torch.Tensor:
     """Run the prompt through the cache chunk by chunk; return the last position's logits."""
     step = chunk_size or input_ids.shape[1]
     with observe_queries(model, cache):
@@ -127,7 +126,6 @@ def score_tokens(
     Returns (log-probability of each scored token, whether it was the greedy choice).
     """
     dtype = next(model.parameters()).dtype
-    cache = make_cache(model, config, dtype, prompt_length=start)
     logprobs, greedy = [], []
 
     def take(logits: torch.Tensor, first: int) -> None:
@@ -139,12 +137,13 @@ def score_tokens(
         logprobs.append(logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0])
         greedy.append(logits.argmax(-1) == targets)
 
-    take(prefill(model, input_ids[:, :start], cache, config.chunk_size), start)
-    rest = input_ids[:, start:-1]  # the last token predicts nothing that is scored
-    step = scoring_block(config, len(cache.layers)) or max(rest.shape[1], 1)
-    for begin in range(0, rest.shape[1], step):
-        out = model(rest[:, begin : begin + step], **with_cache(cache), use_cache=True)
-        take(out.logits[0], start + begin + 1)
+    with make_cache(model, config, dtype, prompt_length=start) as cache:
+        take(prefill(model, input_ids[:, :start], cache, config.chunk_size), start)
+        rest = input_ids[:, start:-1]  # the last token predicts nothing that is scored
+        step = scoring_block(config, len(cache.layers)) or max(rest.shape[1], 1)
+        for begin in range(0, rest.shape[1], step):
+            out = model(rest[:, begin : begin + step], **with_cache(cache), use_cache=True)
+            take(out.logits[0], start + begin + 1)
     return torch.cat(logprobs), torch.cat(greedy)
 
 
@@ -158,29 +157,28 @@ def generate(
     stop_strings: tuple[str, ...] = (),
 ) -> Generation:
     dtype = next(model.parameters()).dtype
-    cache = make_cache(model, config, dtype, prompt_length=input_ids.shape[1])
     stops = stop_token_ids(model, tokenizer)
+    with make_cache(model, config, dtype, prompt_length=input_ids.shape[1]) as cache:
+        t0 = time.perf_counter()
+        logits, recorded_forward_s = prefill_or_replay(model, input_ids, cache, config)
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLogits(f"non-finite logits after prefill under {config.label()}")
+        kv_bytes = cache.nbytes()
+        t1 = time.perf_counter()
+        # A replay's own time is only its cache writes: add the forward pass it stands for.
+        prefill_s = (t1 - t0) + (recorded_forward_s or 0.0)
 
-    t0 = time.perf_counter()
-    logits, recorded_forward_s = prefill_or_replay(model, input_ids, cache, config)
-    if not torch.isfinite(logits).all():
-        raise NonFiniteLogits(f"non-finite logits after prefill under {config.label()}")
-    kv_bytes = cache.nbytes()
-    t1 = time.perf_counter()
-    # A replay's own time is only its cache writes: add the forward pass it stands for.
-    prefill_s = (t1 - t0) + (recorded_forward_s or 0.0)
-
-    new: list[int] = []
-    token = logits.argmax(dim=-1)
-    while True:
-        new.append(int(token))
-        if int(token) in stops or len(new) >= max_new_tokens:
-            break
-        if stop_strings and any(s in tokenizer.decode(new) for s in stop_strings):
-            break
-        out = model(token[:, None], **with_cache(cache), use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(dim=-1)
-    t2 = time.perf_counter()
+        new: list[int] = []
+        token = logits.argmax(dim=-1)
+        while True:
+            new.append(int(token))
+            if int(token) in stops or len(new) >= max_new_tokens:
+                break
+            if stop_strings and any(s in tokenizer.decode(new) for s in stop_strings):
+                break
+            out = model(token[:, None], **with_cache(cache), use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(dim=-1)
+        t2 = time.perf_counter()
 
     text = tokenizer.decode([t for t in new if t not in stops], skip_special_tokens=True)
     reused = recorded_forward_s is not None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvpareto.config import Config
-from kvpareto.kv.static import QuantizedKVCache
+from kvpareto.kv import make_cache
 from kvpareto.memory.measure import measure_prefill, weights_bytes_measured, weights_bytes_modeled
 from kvpareto.memory.model import modeled_activation_peak
 from tests.conftest import TINY
@@ -28,7 +28,7 @@ def test_smollm2_activation_peak_measured_agrees_with_modeled(smollm2, length, c
     measured, kv = measure_prefill(smollm2.model, _ids(length), cfg)
     modeled = modeled_activation_peak(smollm2.model.config, cfg, length, torch.bfloat16)
     assert abs(modeled - measured) <= 0.10 * measured, (measured, modeled)
-    cache = QuantizedKVCache(smollm2.model.config, cfg, torch.bfloat16)
+    cache = make_cache(smollm2.model, cfg, torch.bfloat16)
     assert kv == cache.modeled_nbytes(length)
 
 
@@ -55,7 +55,7 @@ def test_tiny_model_memory_figures(tiny_models, name, record_property):
     record_property("activation_measured", measured)
     record_property("activation_modeled", modeled)
     record_property("kv_bytes", kv)
-    assert kv == QuantizedKVCache(model.config, cfg, torch.bfloat16).modeled_nbytes(256)
+    assert kv == make_cache(model, cfg, torch.bfloat16).modeled_nbytes(256)
     assert measured > 0 and modeled > 0
 
 

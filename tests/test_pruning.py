@@ -28,6 +28,7 @@ from kvpareto.memory.measure import measure_prefill
 from kvpareto.models.tiny import build_tiny
 from kvpareto.tasks import get_task
 from tests.conftest import TINY
+from tests.contracts import PRUNE_GRID
 
 
 def _ids(n, seed=0):
@@ -79,20 +80,7 @@ def test_rate_zero_and_a_rate_that_evicts_nothing_give_bit_identical_logits(tiny
         assert torch.equal(plain, torch.cat(ref_logits))
 
 
-# --- bytes: half the prompt, measured equal to modeled -----------------------------------------
-
-_QUANT = [
-    Config(),
-    Config(k_bits=4, v_bits=2),
-    Config(k_bits=8, v_bits=4, symmetric=True, group_size=64),
-    Config(k_bits=2, v_bits=2, k_granularity="per-channel", residual_length=32),
-    Config(
-        k_bits=4, v_bits=4, k_granularity="per-block", v_granularity="per-tensor", group_size=64
-    ),
-    Config(k_bits=2, v_bits=4, symmetric=True, group_size=128, residual_length=5),
-    Config(k_bits=4, v_bits=8, k_smooth=True, rotation="hadamard"),
-    Config.from_dict({"k_bits": 4, "v_bits": 4, "layer_bits": {0: {"k_bits": 16, "v_bits": 2}}}),
-]
+# --- bytes: half the prompt --------------------------------------------------------------------
 
 
 def _stream_token_bytes(stream) -> float:
@@ -105,8 +93,10 @@ def _stream_token_bytes(stream) -> float:
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
-@pytest.mark.parametrize("cfg", _QUANT, ids=lambda c: c.label())
-def test_half_rate_holds_half_the_prompt_and_measured_bytes_equal_modeled(tiny_models, name, cfg):
+@pytest.mark.parametrize("cfg", PRUNE_GRID, ids=lambda c: c.label())
+def test_half_rate_holds_half_the_prompt(tiny_models, name, cfg):
+    # That the bytes held equal the modeled bytes, peak included, is the contract that
+    # tests/contracts.py checks for these configs; here, what pruning keeps.
     model = tiny_models[name].model
     length = 300
     ids = _ids(length)
@@ -143,9 +133,6 @@ def test_half_rate_holds_half_the_prompt_and_measured_bytes_equal_modeled(tiny_m
                         # empty), growing by BLOCK_TOKENS whole tokens.
                         per_token = _stream_token_bytes(theirs)
                         assert gap <= heads * (1 + BLOCK_TOKENS) * per_token + 64, gap
-        assert pruned.nbytes() == pruned.modeled_nbytes(length)
-        assert pruned.peak_nbytes == pruned.modeled_peak_nbytes()
-        assert full.peak_nbytes == full.modeled_peak_nbytes()
         # The peak shrinks with the kept tokens wherever no full-precision tail (a residual
         # window, an unfilled token tile) or unpruned sliding layer dominates at this length.
         # Each store holds room for whole blocks of BLOCK_TOKENS: at most BLOCK_TOKENS - 1 rows
@@ -157,7 +144,6 @@ def test_half_rate_holds_half_the_prompt_and_measured_bytes_equal_modeled(tiny_m
         # Decode tokens are stored, never pruned, and the model follows them token by token.
         for step in range(3):
             model(_ids(1, seed=step), **with_cache(pruned))
-            assert pruned.nbytes() == pruned.modeled_nbytes(length + step + 1)
         assert all(layer.k.kept == kept + 3 for layer in pruned.layers if layer.pruner)
 
 

@@ -8,7 +8,7 @@ import torch
 from kvpareto.config import Config
 from kvpareto.engine import prefill, score_tokens, scoring_block
 from kvpareto.hf_compat import with_cache
-from kvpareto.kv.adaptive import make_cache
+from kvpareto.kv import make_cache
 
 
 def _token_by_token(model, ids: torch.Tensor, config: Config, start: int) -> torch.Tensor:

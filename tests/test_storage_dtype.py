@@ -9,7 +9,7 @@ from kvpareto.config import Config
 from kvpareto.engine import generate, prefill
 from kvpareto.errors import UserError
 from kvpareto.hardware import auto_compute_dtype, resolve_compute_dtype
-from kvpareto.kv.adaptive import make_cache
+from kvpareto.kv import make_cache
 from kvpareto.memory.measure import measure_prefill, weights_bytes_measured, weights_bytes_modeled
 from kvpareto.memory.model import modeled_activation_peak
 from kvpareto.models import load_model

@@ -27,7 +27,7 @@ import torch
 from kvpareto.codec import TileShape, dequantize, quantize
 from kvpareto.config import Config
 from kvpareto.engine import prefill
-from kvpareto.kv.adaptive import AdaptiveKVCache
+from kvpareto.kv import make_cache
 from kvpareto.kv.controller import FORMAT, VERSION, WIDTHS, LearnedController, build_mlp
 from kvpareto.kv.features import FEATURES
 from kvpareto.tasks import get_task
@@ -62,8 +62,8 @@ def label_tokens(model, prompts: list[list[int]], threshold: float, group_size: 
     dtype = next(model.parameters()).dtype
     config = Config(kv_scheme="rule", target_mean_bits=16.0, group_size=group_size)
     for ids in prompts:
-        cache = AdaptiveKVCache(model, config, dtype, observer=observe)
-        prefill(model, torch.tensor([ids]), cache, 0)
+        with make_cache(model, config, dtype, observer=observe) as cache:
+            prefill(model, torch.tensor([ids]), cache, 0)
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -29,7 +29,7 @@ from kvpareto.evaluation.result import (
     TrialResult,
     WeightsFacts,
 )
-from kvpareto.kv.adaptive import make_cache
+from kvpareto.kv import make_cache
 from kvpareto.memory import MemoryParts
 from kvpareto.memory.measure import (
     measure_prefill,
@@ -287,14 +287,14 @@ def _memory(loaded: LoadedModel, config: Config, prompt: list[int]) -> tuple[Mem
     ids = torch.tensor([prompt])
     activation, kv = measure_prefill(model, ids, config)
     storage = storage_dtype(model)
-    cache = make_cache(model, config, storage, prompt_length=len(prompt))
+    with make_cache(model, config, storage, prompt_length=len(prompt)) as cache:
+        modeled_kv, effective = cache.modeled_peak_nbytes(), cache.effective_bits(len(prompt))
     measured = MemoryParts(weights_bytes_measured(model), kv, activation)
     modeled = MemoryParts(
         weights_bytes_modeled(model),
-        cache.modeled_peak_nbytes(),
+        modeled_kv,
         modeled_activation_peak(model.config, config, len(prompt), compute_dtype(model), storage),
     )
-    effective = 8 * cache.modeled_nbytes(len(prompt)) / cache.stored_values(len(prompt))
     return Memory(measured, modeled), effective
 
 

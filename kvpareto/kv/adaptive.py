@@ -37,22 +37,20 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.models.llama.modeling_llama import rotate_half
 
 from kvpareto.codec import Quantized, TileShape, dequantize, quantize
 from kvpareto.config import Config
 from kvpareto.errors import UserError
-from kvpareto.hf_compat import cache_of
+from kvpareto.kv.base import KVCache, KVLayer
 from kvpareto.kv.controller import WIDTHS, LearnedController, RuleController, load_controller
 from kvpareto.kv.features import (
     PROBE_QUERIES,
     frequency_counts,
     token_features,
 )
+from kvpareto.kv.probes import CacheHooks, QueryProbe
 from kvpareto.kv.static import (
     BLOCK_TOKENS,
-    QuantizedKVCache,
     RowRing,
     capacity,
     layer_windows,
@@ -60,17 +58,6 @@ from kvpareto.kv.static import (
 )
 
 _F16 = 2  # bytes of an fp16 scale or zero point
-
-
-def make_cache(
-    model, config: Config, dtype: torch.dtype, prompt_length: int | None = None
-) -> Cache:
-    """The cache a Config asks for: the static packed cache, or adaptive per-token pools.
-
-    `dtype` is the storage dtype: what full-precision K/V are held in."""
-    if config.kv_scheme == "static":
-        return QuantizedKVCache(model.config, config, dtype, prompt_length=prompt_length)
-    return AdaptiveKVCache(model, config, dtype, prompt_length=prompt_length)
 
 
 def quota(mix: dict[int, float], total: int) -> dict[int, int]:
@@ -163,7 +150,7 @@ class _Writes:
         self.freq = frequency_counts(input_ids[0].tolist(), self.seen)
 
 
-class AdaptiveKVLayer(CacheLayerMixin):
+class AdaptiveKVLayer(KVLayer):
     """One attention layer's pools, and the per-write decision of which token goes where."""
 
     is_croppable = False
@@ -178,7 +165,7 @@ class AdaptiveKVLayer(CacheLayerMixin):
         self.observer = cache.observer
         self.pools: dict[int, _Pool] = {}
         self.total = 0
-        self.probe_source = None  # (attention module, its hidden_states, (cos, sin))
+        self.probe: QueryProbe | None = None  # this write's attention input, set by the hook
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.shape[0] != 1:
@@ -201,7 +188,7 @@ class AdaptiveKVLayer(CacheLayerMixin):
             chosen = (widths == w).nonzero().squeeze(-1)
             pool.append(key_states[..., chosen, :], value_states[..., chosen, :])
         self.total += key_states.shape[-2]
-        self.probe_source = None
+        self.probe = None
         return k_visible, v_visible
 
     def _visible(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,10 +222,11 @@ class AdaptiveKVLayer(CacheLayerMixin):
         return widths
 
     def features(self, k: torch.Tensor, v: torch.Tensor, k_visible: torch.Tensor) -> torch.Tensor:
-        if self.writes.freq is None or self.probe_source is None:
+        if self.writes.freq is None or self.probe is None:
             raise UserError(
                 "adaptive KV precision needs the model's input_ids and its llama-style attention "
-                "modules: build the cache with make_cache(model, ...) and call model(input_ids)"
+                "modules: build the cache with make_cache(model, ...), then call model(input_ids) "
+                "before closing it"
             )
         return token_features(
             freq=self.writes.freq,
@@ -253,13 +241,7 @@ class AdaptiveKVLayer(CacheLayerMixin):
 
     def probe_queries(self, m: int) -> torch.Tensor:
         """The scaled, rotated queries of the write's last m tokens, [1, Hq, m, D]."""
-        module, hidden, (cos, sin) = self.probe_source
-        q = module.q_proj(hidden[:, -m:]).view(1, m, -1, module.head_dim)
-        if getattr(module, "q_norm", None) is not None:
-            q = module.q_norm(q)
-        q = q.transpose(1, 2)
-        cos, sin = cos[:, None, -m:], sin[:, None, -m:]
-        return (q * cos + rotate_half(q) * sin) * module.scaling
+        return self.probe.queries(m) * self.probe.scaling
 
     def code_bits(self) -> int:
         """Sum over written tokens of their width (one token's K and V share it)."""
@@ -281,17 +263,26 @@ class AdaptiveKVLayer(CacheLayerMixin):
         """Every tensor the layer's pools hold (their buffers, slack included)."""
         return [t for pool in self.pools.values() for t in pool.tensors()]
 
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
 
-
-class AdaptiveKVCache(Cache):
+class AdaptiveKVCache(KVCache):
     """Per-token mixed-precision KV cache for kv_scheme adaptive or rule (batch 1).
 
-    It hooks the model (removed when the cache is garbage-collected) to see, for forwards that
-    use this cache only, the input ids (token frequency) and each attention module's input (the
-    probe queries). `observer`, if given, sees every write first (calibration uses it).
+    From construction to `close()`, it hooks the model to see, for calls that carry this cache
+    only, the input ids (token frequency) and each attention module's input (the probe queries).
+    A cache dropped without `close()` loses its hooks when it is collected. `observer`, if given,
+    sees every write first (calibration uses it).
     """
+
+    @classmethod
+    def for_model(
+        cls,
+        model,
+        config: Config,
+        dtype: torch.dtype,
+        prompt_length: int | None = None,
+        observer: Callable | None = None,
+    ) -> AdaptiveKVCache:
+        return cls(model, config, dtype, prompt_length=prompt_length, observer=observer)
 
     def __init__(
         self,
@@ -317,32 +308,11 @@ class AdaptiveKVCache(Cache):
         self.observer = observer
         n = cfg.num_hidden_layers
         super().__init__(layers=[AdaptiveKVLayer(i, n, config, self) for i in range(n)])
-        self._hook(model)
+        self._hooks = CacheHooks(model, self, _see_attention, _see_input_ids)
+        weakref.finalize(self, self._hooks.remove)
 
-    def _hook(self, model) -> None:
-        me = weakref.ref(self)
-
-        def on_model(module, args, kwargs):
-            cache = me()
-            if cache is not None and cache_of(kwargs) is cache:
-                cache.writes.observe(kwargs.get("input_ids", args[0] if args else None))
-
-        def on_attention(module, args, kwargs):
-            cache = me()
-            if cache is not None and cache_of(kwargs) is cache:
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                source = (module, hidden, kwargs["position_embeddings"])
-                cache.layers[module.layer_idx].probe_source = source
-
-        handles = [model.get_decoder().register_forward_pre_hook(on_model, with_kwargs=True)]
-        for module in model.modules():
-            if hasattr(module, "q_proj") and hasattr(module, "layer_idx"):
-                handles.append(module.register_forward_pre_hook(on_attention, with_kwargs=True))
-        weakref.finalize(self, _remove, handles)
-
-    def nbytes(self) -> int:
-        """Measured: the sum of `nbytes` of every tensor the pools hold."""
-        return sum(layer.nbytes() for layer in self.layers)
+    def close(self) -> None:
+        self._hooks.remove()
 
     def modeled_nbytes(self, total: int, batch: int = 1) -> int:
         """Modeled: the closed form of the per-width quotas after `total` tokens."""
@@ -375,9 +345,12 @@ class AdaptiveKVCache(Cache):
         return sum(layer.code_bits() for layer in self.layers) / tokens if tokens else 0.0
 
 
-def _remove(handles) -> None:
-    for handle in handles:
-        handle.remove()
+def _see_input_ids(cache: AdaptiveKVCache, input_ids: torch.Tensor | None) -> None:
+    cache.writes.observe(input_ids)
+
+
+def _see_attention(cache: AdaptiveKVCache, probe: QueryProbe) -> None:
+    cache.layers[probe.layer_idx].probe = probe
 
 
 def _check_config(model_config, config: Config) -> None:

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from kvpareto.errors import UserError
+from kvpareto.kv.probes import CacheHooks, QueryProbe, attention_modules
+from kvpareto.registry import Registry
 
 
 @dataclass
@@ -64,24 +66,14 @@ class Scorer:
         raise NotImplementedError
 
 
-SCORERS: dict[str, type[Scorer]] = {}
-
-
-def register_scorer(name: str):
-    def wrap(cls):
-        SCORERS[name] = cls
-        return cls
-
-    return wrap
+SCORERS: Registry[type[Scorer]] = Registry("prune scorer")
 
 
 def make_scorer(name: str) -> Scorer:
-    if name not in SCORERS:
-        raise UserError(f"unknown prune scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
-    return SCORERS[name]()
+    return SCORERS.get(name)()
 
 
-@register_scorer("knorm")
+@SCORERS.register("knorm")
 @dataclass
 class KeyNorm(Scorer):
     """Keys with a low L2 norm draw the most attention, so they are kept (Devoto et al., "A Simple
@@ -91,7 +83,7 @@ class KeyNorm(Scorer):
         return -chunk.new_keys.float().norm(dim=-1)
 
 
-@register_scorer("streaming")
+@SCORERS.register("streaming")
 @dataclass
 class Streaming(Scorer):
     """StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
@@ -104,7 +96,7 @@ class Streaming(Scorer):
         return positions.float().expand(b, h, -1)
 
 
-@register_scorer("random")
+@SCORERS.register("random")
 @dataclass
 class Random(Scorer):
     """Uniform random importance: the control that a real scorer must beat. One seeded generator
@@ -120,7 +112,7 @@ class Random(Scorer):
         return torch.rand(b, h, chunk.n_new, generator=self._generator).to(chunk.keys.device)
 
 
-@register_scorer("snapkv")
+@SCORERS.register("snapkv")
 @dataclass
 class SnapKV(Scorer):
     """SnapKV (Li et al., "SnapKV: LLM Knows What You Are Looking for Before Generation",
@@ -194,47 +186,31 @@ class TokenPruner:
         return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 @contextmanager
 def observe_queries(model, cache) -> Iterator[None]:
     """While prefill runs, hand each pruned layer the queries of its chunk's last `window` tokens.
 
-    The cache sees only keys and values, so a scorer that needs queries gets them from a hook on
-    each attention module that recomputes q_proj on the last w hidden states, applies q_norm where
-    the architecture has one (Gemma3, Qwen3) and RoPE from the `position_embeddings` the layer was
-    given. Only while a chunk is being pruned, so decode pays nothing.
+    The cache sees only keys and values, so a scorer that needs queries gets them from a query
+    probe of each attention call (`kvpareto.kv.probes`), computed only for a chunk being pruned,
+    so decode pays nothing; the hooks are removed when the block ends.
     """
     pruner = getattr(cache, "pruner", None)
     if pruner is None or not pruner.scorer.needs_queries:
         yield
         return
-    attentions = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
-    if not attentions:
+    if not attention_modules(model):
         raise UserError(
             f"prune_scorer {type(pruner.scorer).__name__} needs attention modules with a q_proj, "
             "which this model lacks; use --prune-scorer knorm, streaming or random"
         )
-
-    def hook(module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        layer = cache.layers[module.layer_idx]
-        if layer.pruner is None or not pruner.prunes(layer.get_seq_length(), hidden.shape[1]):
-            return
-        w = min(pruner.window, hidden.shape[1])
-        q = module.q_proj(hidden[:, -w:]).view(hidden.shape[0], w, -1, module.head_dim)
-        q = q.transpose(1, 2)
-        if hasattr(module, "q_norm"):
-            q = module.q_norm(q)
-        cos, sin = (t[:, -w:].unsqueeze(1) for t in kwargs["position_embeddings"])
-        layer.window_queries = (q * cos + _rotate_half(q) * sin, module.scaling)
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attentions]
-    try:
+    with CacheHooks(model, cache, _hand_queries):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+def _hand_queries(cache, probe: QueryProbe) -> None:
+    """Give a layer that prunes this chunk its observation window's queries, for `update`."""
+    layer, pruner = cache.layers[probe.layer_idx], cache.pruner
+    n_new = probe.hidden.shape[1]
+    if layer.pruner is None or not pruner.prunes(layer.get_seq_length(), n_new):
+        return
+    layer.window_queries = (probe.queries(min(pruner.window, n_new)), probe.scaling)

@@ -47,11 +47,11 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpareto.codec import Quantized, TileShape, dequantize, hadamard, quantize, tile_shape
 from kvpareto.config import Config
 from kvpareto.kernels import fused_decode
+from kvpareto.kv.base import KVCache, KVLayer
 from kvpareto.kv.pruning import ChunkView, TokenPruner, make_scorer
 
 _F16 = 2  # bytes of an fp16 scale, zero point or smoothing mean
@@ -424,7 +424,7 @@ def _quantized(held: list[torch.Tensor]) -> Quantized:
     return Quantized(held[0], held[1], held[2] if len(held) > 2 else None)
 
 
-class QuantizedKVLayer(CacheLayerMixin):
+class QuantizedKVLayer(KVLayer):
     """One attention layer's cache: a K stream and a V stream, pruned on arrival if `pruner`.
 
     With `fused`, a decode step of one sequence can be handed over to the fused kernel
@@ -526,9 +526,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Every tensor the layer's K and V streams hold (their buffers, slack included)."""
         return [] if self.k is None else self.k.tensors() + self.v.tensors()
 
-    def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.nbytes() + self.v.nbytes()
-
 
 def layer_windows(model_config) -> list[int | None]:
     """The sliding window of each decoder layer (None for global attention)."""
@@ -539,8 +536,19 @@ def layer_windows(model_config) -> list[int | None]:
     return [window if t == "sliding_attention" and window else None for t in types]
 
 
-class QuantizedKVCache(Cache):
+class QuantizedKVCache(KVCache):
     """The cache for one sequence batch under one `Config`."""
+
+    @classmethod
+    def for_model(
+        cls,
+        model,
+        config: Config,
+        dtype: torch.dtype,
+        prompt_length: int | None = None,
+        fused: bool | None = None,
+    ) -> QuantizedKVCache:
+        return cls(model.config, config, dtype, prompt_length=prompt_length, fused=fused)
 
     def __init__(
         self,
@@ -577,8 +585,7 @@ class QuantizedKVCache(Cache):
             pruner = self.pruner if window is None else None
             layers.append(QuantizedKVLayer(k_spec, v_spec, window, dtype, pruner, fused))
         super().__init__(layers=layers)
-        self.peak_nbytes = 0  # measured: the most bytes held after any layer update
-        self._held = 0
+        self._peak = self._held = 0
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
@@ -600,11 +607,12 @@ class QuantizedKVCache(Cache):
 
     def _count(self, layer: QuantizedKVLayer, before: int) -> None:
         self._held += layer.nbytes() - before
-        self.peak_nbytes = max(self.peak_nbytes, self._held)
+        self._peak = max(self._peak, self._held)
 
-    def nbytes(self) -> int:
-        """Measured: the sum of `nbytes` of every tensor the cache holds."""
-        return sum(layer.nbytes() for layer in self.layers)
+    @property
+    def peak_nbytes(self) -> int:
+        """Measured: the most bytes held after any layer update."""
+        return self._peak
 
     def _stored(self, layer: QuantizedKVLayer, total: int) -> int:
         """Tokens `layer` stores after `total` tokens, the prompt pruned as its chunks arrived."""

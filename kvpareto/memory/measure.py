@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity
 from kvpareto.config import Config
 from kvpareto.engine import prefill
 from kvpareto.hf_compat import with_cache
-from kvpareto.kv.adaptive import make_cache
+from kvpareto.kv import make_cache
 from kvpareto.weights.packed_linear import resolve_kernel_paths
 
 
@@ -167,9 +167,15 @@ def measure_prefill(model, input_ids: torch.Tensor, config: Config) -> tuple[int
     was flushed into tiles or a window slid on the way there.
     """
     dtype = next(model.parameters()).dtype
-    cache = make_cache(model, config, dtype, prompt_length=input_ids.shape[1])
-    if input_ids.device.type == "cuda":
-        return _cuda_peak(model, input_ids, cache, config)
+    with make_cache(model, config, dtype, prompt_length=input_ids.shape[1]) as cache:
+        if input_ids.device.type == "cuda":
+            return _cuda_peak(model, input_ids, cache, config)
+        return _cpu_peak(model, input_ids, cache, config)
+
+
+def _cpu_peak(model, input_ids: torch.Tensor, cache, config: Config) -> tuple[int, int]:
+    """The allocator's peak over the run, from the profiler's memory events, KV stores left out
+    at every moment (see `_allocator_peak`), and the KV peak."""
     # A packed layer probes its kernel paths at its first call on a machine; a probe inside the
     # profiled run would count its scratch as activation, so it happens now.
     resolve_kernel_paths(model)

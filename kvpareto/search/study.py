@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,10 +37,11 @@ from kvpareto.config import Config
 from kvpareto.errors import UserError
 from kvpareto.evaluation.result import TrialResult
 from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
+from kvpareto.registry import Registry
 from kvpareto.search.space import SearchSpace, canonical
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
 
-SAMPLERS = ("nsga2", "tpe", "gp", "grid", "random")
+SAMPLERS: Registry[Callable[[int], object]] = Registry("sampler")  # seed -> an Optuna sampler
 OBJECTIVES = ("memory", "accuracy", "latency")
 
 
@@ -67,7 +69,8 @@ class SearchSettings:
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+            choices = ", ".join(SAMPLERS.names())
+            raise UserError(f"--sampler must be one of {choices}; got {self.sampler!r}")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if (
             bad
@@ -154,16 +157,39 @@ class _StopRequests:
         self.requested = True
 
 
-def make_sampler(name: str, seed: int, n_objectives: int):
-    import optuna
+@SAMPLERS.register("nsga2")
+def _nsga2(seed: int):
+    from optuna.samplers import NSGAIISampler
 
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6)
-    return optuna.samplers.RandomSampler(seed=seed)  # "random", and "grid" (all enqueued)
+    return NSGAIISampler(seed=seed, population_size=8)
+
+
+@SAMPLERS.register("tpe")
+def _tpe(seed: int):
+    from optuna.samplers import TPESampler
+
+    return TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
+
+
+@SAMPLERS.register("gp")
+def _gp(seed: int):
+    from optuna.samplers import GPSampler
+
+    return GPSampler(seed=seed, n_startup_trials=6)
+
+
+def _random(seed: int):
+    from optuna.samplers import RandomSampler
+
+    return RandomSampler(seed=seed)
+
+
+SAMPLERS.add("grid", _random)  # every grid point is enqueued (`prepare`): never asked
+SAMPLERS.add("random", _random)
+
+
+def make_sampler(name: str, seed: int, n_objectives: int):
+    return SAMPLERS.get(name)(seed)
 
 
 def _fixed(config: Config) -> dict:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvpareto.errors import UserError
+from kvpareto.registry import Registry
 
-TASKS: dict[str, type] = {}
-FAMILIES: dict[str, object] = {}  # name prefix -> factory(rest of the name) -> Task
+TASKS: Registry[type[Task]] = Registry("task")
+# name prefix -> factory(rest of the name) -> Task
+FAMILIES: Registry[Callable[[str], Task]] = Registry("task family", "task families")
 
 
 @dataclass
@@ -78,35 +81,25 @@ class Task:
 def register_task(name: str):
     def wrap(cls):
         cls.name = name
-        TASKS[name] = cls
-        return cls
+        return TASKS.add(name, cls)
 
     return wrap
 
 
 def register_family(prefix: str):
     """Claim every task name that starts with `prefix` (e.g. "lm-eval:") for one factory."""
-
-    def wrap(factory):
-        if prefix in FAMILIES:
-            raise ValueError(f"task family {prefix!r} is registered twice")
-        FAMILIES[prefix] = factory
-        return factory
-
-    return wrap
+    return FAMILIES.register(prefix)
 
 
 def get_task(name: str) -> Task:
     from kvpareto.tasks import agreement, niah, qa, ruler, vt  # noqa: F401  (they register)
 
-    for prefix, factory in FAMILIES.items():
+    for prefix in FAMILIES:
         if name.startswith(prefix):
-            return factory(name.removeprefix(prefix))
+            return FAMILIES.get(prefix)(name.removeprefix(prefix))
 
     base, *values = name.split(":")
-    if base not in TASKS:
-        raise UserError(f"unknown task {base!r}; known tasks: {', '.join(sorted(TASKS))}")
-    cls, chosen = TASKS[base], {}
+    cls, chosen = TASKS.get(base), {}
     for value in values:
         option = next((o for o, allowed in cls.options.items() if value in allowed), None)
         if option is None or option in chosen:

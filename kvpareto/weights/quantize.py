@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from kvpareto.config import Config
+from kvpareto.registry import Registry
 from kvpareto.weights import int4pack
 from kvpareto.weights.awq_backends import check_backend
 from kvpareto.weights.packed_linear import LAYOUTS, PackedLinear, weight_group
@@ -80,11 +81,10 @@ class AWQQuantizer(WeightQuantizer):
         return scales
 
 
-QUANTIZERS: dict[str, WeightQuantizer] = {
-    "int8": WeightQuantizer(bits=8, symmetric=True, grouped=False),
-    "int4": WeightQuantizer(bits=4, symmetric=False, grouped=True),
-    "awq4": AWQQuantizer(bits=4, symmetric=False, grouped=True, needs_calibration=True),
-}
+QUANTIZERS: Registry[WeightQuantizer] = Registry("weight quantizer")
+QUANTIZERS.add("int8", WeightQuantizer(bits=8, symmetric=True, grouped=False))
+QUANTIZERS.add("int4", WeightQuantizer(bits=4, symmetric=False, grouped=True))
+QUANTIZERS.add("awq4", AWQQuantizer(bits=4, symmetric=False, grouped=True, needs_calibration=True))
 
 
 # One quantized model is kept per process: a search tries many KV settings on the same weights.
@@ -106,8 +106,9 @@ def quantized_model(
         return loaded
     if backend:
         check_backend(backend)
+    quantizer = QUANTIZERS.get(method)
     data = None
-    if QUANTIZERS[method].needs_calibration:
+    if quantizer.needs_calibration:
         if calibration is None:
             raise ValueError(f"{method} is fitted on calibration data: pass calibration=")
         data = calibration(loaded.tokenizer)
@@ -121,7 +122,7 @@ def quantized_model(
     else:
         model = copy.deepcopy(loaded.model)
         ids = data.ids if data else None
-        info = QUANTIZERS[method].quantize(model, group, ids, progress or _bar(method))
+        info = quantizer.quantize(model, group, ids, progress or _bar(method))
         _save(model, info, folder)
         from_cache = False
     result = replace(loaded, model=model, from_cache=from_cache, weights_info=info)

@@ -94,9 +94,9 @@ def reproduces_source_grid(model, config: Config) -> bool:
     the unquantized `model`. AWQ counts too: on such weights its scale search keeps alpha = 0
     (no scaling), since any scaling moves them off the grid, and quantizes them as int4 does."""
     method, group, _ = config.weight_method
-    quantizer = QUANTIZERS.get(method)
-    if quantizer is None:
+    if method not in QUANTIZERS:  # "none": nothing is quantized
         return False
+    quantizer = QUANTIZERS.get(method)
     for _, linear in sampled_linears(model):
         width = linear.in_features
         used = weight_group(group, width) if quantizer.grouped else width
