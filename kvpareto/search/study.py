@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from kvpareto.config import Config
+from kvpareto.config import Config, canonical
 from kvpareto.errors import UserError
 from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
-from kvpareto.search.space import SearchSpace, canonical
+from kvpareto.search.space import SearchSpace
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
 
 SAMPLERS = ("nsga2", "tpe", "gp", "grid", "random")

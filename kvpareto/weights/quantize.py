@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from kvpareto.config import Config
+from kvpareto.knobs import KNOB
 from kvpareto.weights import int4pack
-from kvpareto.weights.awq_backends import check_backend
 from kvpareto.weights.packed_linear import LAYOUTS, PackedLinear, weight_group
 
 CACHE_FORMAT = 3  # 3: kernel layouts (int4pack, int8 codes, bf16 scales)
@@ -96,7 +96,7 @@ def quantized_model(loaded, config: Config, progress: Progress | None = None):
     if method == "none":
         return loaded
     if backend:
-        check_backend(backend)
+        KNOB["awq_backend"].check_runs_here(backend)
     calibration = (
         calibration_ids(loaded.tokenizer) if QUANTIZERS[method].needs_calibration else None
     )

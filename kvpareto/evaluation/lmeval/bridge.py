@@ -24,7 +24,6 @@ import contextlib
 import io
 import os
 import sys
-from dataclasses import fields
 from functools import cache
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from kvpareto.hardware import (  # noqa: E402
     dtype_choice,
     resolve_compute_dtype,
 )
+from kvpareto.knobs import KNOB  # noqa: E402
 from kvpareto.models import DEFAULT_MODEL, LoadedModel, load_model, pull, resolve_ref  # noqa: E402
 
 
@@ -125,16 +125,15 @@ class KVParetoLM(HFLM):
 
 def config_from_args(args: dict) -> Config:
     """A Config from lm-eval model args, whose values arrive as strings or guessed types."""
-    types = {f.name: f.type for f in fields(Config)}
     data = {}
     for key, value in args.items():
-        kind = types.get(key)
-        if isinstance(value, str) and kind in ("int", "float"):
+        kind = KNOB[key].type if key in KNOB else None
+        if isinstance(value, str) and kind in (int, float):
             try:
-                value = int(value) if kind == "int" else float(value)
+                value = kind(value)
             except ValueError:
                 raise UserError(f"{key} takes a number; got {value!r}") from None
-        elif isinstance(value, str) and kind == "bool":
+        elif isinstance(value, str) and kind is bool:
             value = {"true": True, "false": False}.get(value.lower(), value)
         data[key] = value
     return Config.from_dict(data)
