@@ -274,6 +274,15 @@ KNOBS: tuple[Knob, ...] = (
         within=lambda v: isinstance(v, str) and bool(v), must="a name or a path",
         applies=lambda d: d["kv_scheme"] == "adaptive", ask_at=10, keyed_at_default=False,
     ),
+    Knob(
+        "k_clip", float, 1.0, "kv",
+        "Key clipping: each key tile's range shrinks to this fraction of itself and values "
+        "outside are clamped: 1.0 (none), 0.95, 0.9 or 0.85.",
+        choices=(1.0, 0.95, 0.9, 0.85), applies=_k_quantized, needs=STATIC, keyed_at_default=False,
+        piece=lambda d: f"kc{round(100 * d['k_clip'])}" if d["k_clip"] != 1 and _k_quantized(d)
+        else "",
+        piece_at=85,
+    ),
 )
 # fmt: on
 
