@@ -43,6 +43,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Knob:
+    """One setting of a Config: what it takes, when it matters, how it shows and is asked for."""
+
     name: str
     type: type  # int, float, bool or str; ints given for a float knob are stored as floats
     default: object
@@ -63,6 +65,12 @@ class Knob:
     # Why a value that passes the checks cannot run in this environment ("" where it can):
     # checked where a value is chosen to run (a space file, a weight quantization), not by Config.
     runs_here: Callable[[object], str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise ValueError(f"knob {self.name}: group must be one of {GROUPS}")
+        if self.type is not bool and bool(self.choices) == (self.within is not None):
+            raise ValueError(f"knob {self.name}: give choices or a `within` check, not both")
 
     @property
     def option(self) -> str:
