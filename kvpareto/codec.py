@@ -16,6 +16,11 @@ Asymmetric: scale = (max - min) / (2^b - 1), zero = min, code = round((x - zero)
 Symmetric:  scale = max|x| / (2^(b-1) - 1), code = round(x / scale), stored offset by 2^(b-1).
 The scale is rounded *up* and the zero *down* to fp16 before coding, so every code fits its range
 and the round-trip error of each value is at most scale/2 (the bound the property tests check).
+Clipping (`clip` < 1, the keys' `k_clip`): a tile's range shrinks to clip x itself about the
+tile's mean (symmetric: max|x| x clip) before the scale is set, and values outside it are clamped
+to its ends; the bound holds inside it, and the stored codes, scale and zero are as ever. About
+the mean, the end far from the bulk of the values, where an outlier sits, gives up the most;
+about zero, a tile that does not span zero (an offset key channel, per-channel) would shift.
 Codes are packed along the channel axis: 8 bits one per byte, 4 bits two per byte, 2 bits four.
 """
 
@@ -83,20 +88,28 @@ def _tiles(x: torch.Tensor, tile: TileShape) -> torch.Tensor:
     return x.reshape(*lead, t // tile.tokens, tile.tokens, d // tile.channels, tile.channels)
 
 
-def quantize(x: torch.Tensor, bits: int, tile: TileShape, symmetric: bool = False) -> Quantized:
-    """Quantize x [..., T, D] (T a multiple of tile.tokens) to packed codes."""
+def quantize(
+    x: torch.Tensor, bits: int, tile: TileShape, symmetric: bool = False, clip: float = 1.0
+) -> Quantized:
+    """Quantize x [..., T, D] (T a multiple of tile.tokens) to packed codes, each tile's range
+    clipped to `clip` x itself."""
     xt = _tiles(x.float(), tile)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         absmax = xt.abs().amax(dim=(-3, -1), keepdim=True)
+        if clip < 1:
+            absmax = absmax * clip
         scale = _round_f16(absmax / qmax, up=True)
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(absmax))
         codes = torch.round(xt / safe).clamp(-qmax, qmax) + 2 ** (bits - 1)
         zero = None
     else:
         levels = 2**bits - 1
-        lo = _round_f16(xt.amin(dim=(-3, -1), keepdim=True), up=False)
-        hi = xt.amax(dim=(-3, -1), keepdim=True)
+        lo, hi = xt.amin(dim=(-3, -1), keepdim=True), xt.amax(dim=(-3, -1), keepdim=True)
+        if clip < 1:
+            mean = xt.mean(dim=(-3, -1), keepdim=True)
+            lo, hi = mean + (lo - mean) * clip, mean + (hi - mean) * clip
+        lo = _round_f16(lo, up=False)
         scale = _round_f16((hi - lo.float()) / levels, up=True)
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(hi))
         codes = torch.round((xt - lo.float()) / safe).clamp(0, levels)

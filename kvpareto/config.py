@@ -2,8 +2,10 @@
 
 A Config is frozen and hashable. Its `key()` is stable across runs and machines (it feeds trial
 cache keys), and its `label()` is the short name shown in tables and reports, for example
-`w16-k4v2-tok-g32-r0-c256` or `awq4g64-k4v2-tok-g32-r32-c256-p50snapkv`. Validation happens
-here, once, so every later layer can trust it.
+`w16-k4v2-tok-g32-r0-c256` or `awq4g64-k4v2-tok-g32-r32-c256-p50snapkv`. Its fields, checks,
+key and label come from the knob table (kvpareto/knobs.py). Validation happens here, once, rules
+between knobs included (kv_scheme adaptive with a prune rate fails when the Config is built), so
+every later layer can trust it; `canonical` resets the knobs that do not apply.
 Knows nothing of torch or optuna.
 """
 
@@ -13,21 +15,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from kvpareto import knobs
 from kvpareto.errors import UserError
-
-KV_BITS = (2, 4, 8, 16)
-GRANULARITIES = ("per-token", "per-channel", "per-tensor", "per-block")
-GROUP_SIZES = (32, 64, 128)
-ROTATIONS = ("none", "hadamard")
-WEIGHT_METHODS = ("none", "int8", "int4", "awq4")
-WEIGHT_GROUP_SIZES = (32, 64, 128)
-# "native" is kvpareto's own AWQ (kvpareto/weights/awq.py); the others are external packages that
-# run only where they install (see that module for why native is the default).
-AWQ_BACKENDS = ("native", "llmcompressor", "autoawq")
-PRUNE_SCORERS = ("snapkv", "knorm", "streaming", "random")
-MAX_PRUNE_RATE = 0.9
-KV_SCHEMES = ("static", "adaptive", "rule")
-_GRAN_SHORT = {"per-token": "tok", "per-channel": "ch", "per-tensor": "ten", "per-block": "blk"}
+from kvpareto.knobs import KNOB, KNOBS, LAYER_BITS_PIECE_AT
 
 
 @dataclass(frozen=True)
@@ -38,70 +28,37 @@ class LayerBits:
     v_bits: int
 
 
+def _knob_fields(cls):
+    """One dataclass field per knob, in table order, ahead of the class's own fields."""
+    own = cls.__dict__.get("__annotations__", {})
+    cls.__annotations__ = {**{k.name: k.type for k in KNOBS}, **own}
+    for knob in KNOBS:
+        setattr(cls, knob.name, knob.default)
+    return cls
+
+
 @dataclass(frozen=True)
+@_knob_fields
 class Config:
-    k_bits: int = 16
-    v_bits: int = 16
-    k_granularity: str = "per-token"
-    v_granularity: str = "per-token"
-    group_size: int = 32
-    symmetric: bool = False
-    residual_length: int = 0
-    k_smooth: bool = False
-    rotation: str = "none"
-    chunk_size: int = 0  # 0 = unchunked prefill (the whole prompt is one chunk)
-    weights: str = "none"  # none = the model's own dtype; int8 / int4 RTN; awq4
-    weight_group_size: int = 64  # int4/awq4 group along the input dimension
-    awq_backend: str = "native"
-    prune_rate: float = 0.0  # fraction of prompt tokens evicted after prefill, per layer and head
-    prune_scorer: str = "snapkv"
-    kv_scheme: str = "static"  # static = k_bits/v_bits; adaptive/rule = per-token bit-widths
-    target_mean_bits: float = 4.0  # only for kv_scheme adaptive/rule
-    controller: str = "default"  # adaptive controller: a name or a file path
+    """Every knob of kvpareto/knobs.py as a field, then the per-layer bit overrides."""
+
     # ((layer_index, LayerBits), ...) sorted by layer; a tuple so the Config stays hashable
     layer_bits: tuple[tuple[int, LayerBits], ...] = field(default=())
 
     def __post_init__(self) -> None:
         # 0 and 0.0 must give the same key: store the float knobs as floats
-        for name in ("prune_rate", "target_mean_bits"):
-            value = getattr(self, name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, name, float(value))
-        _check_bits("k_bits", self.k_bits)
-        _check_bits("v_bits", self.v_bits)
-        for name in ("k_granularity", "v_granularity"):
-            if getattr(self, name) not in GRANULARITIES:
-                raise UserError(
-                    f"{name} must be one of {', '.join(GRANULARITIES)}, got {getattr(self, name)!r}"
-                )
-        if self.group_size not in GROUP_SIZES:
-            raise UserError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
-        if not isinstance(self.residual_length, int) or not 0 <= self.residual_length <= 4096:
-            raise UserError(
-                f"residual_length must be an integer in 0..4096, got {self.residual_length!r}"
-            )
-        if self.rotation not in ROTATIONS:
-            raise UserError(
-                f"rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}"
-            )
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
-            raise UserError(
-                f"chunk_size must be 0 (unchunked) or a positive integer, got {self.chunk_size!r}"
-            )
-        _one_of("weights", self.weights, WEIGHT_METHODS)
-        _one_of("weight_group_size", self.weight_group_size, WEIGHT_GROUP_SIZES)
-        _one_of("awq_backend", self.awq_backend, AWQ_BACKENDS)
-        _number_in("prune_rate", self.prune_rate, 0, MAX_PRUNE_RATE)
-        _one_of("prune_scorer", self.prune_scorer, PRUNE_SCORERS)
-        _one_of("kv_scheme", self.kv_scheme, KV_SCHEMES)
-        _number_in("target_mean_bits", self.target_mean_bits, 2, 16)
-        if not isinstance(self.controller, str) or not self.controller:
-            raise UserError(f"controller must be a name or a path, got {self.controller!r}")
+        for knob in KNOBS:
+            value = getattr(self, knob.name)
+            if knob.type is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, knob.name, float(value))
+        for knob in KNOBS:
+            knob.check(getattr(self, knob.name))
         for idx, bits in self.layer_bits:
             if not isinstance(idx, int) or idx < 0:
                 raise UserError(f"layer_bits keys must be layer indices >= 0, got {idx!r}")
-            _check_bits(f"layer_bits[{idx}].k_bits", bits.k_bits)
-            _check_bits(f"layer_bits[{idx}].v_bits", bits.v_bits)
+            for name in ("k_bits", "v_bits"):
+                KNOB[name].check(getattr(bits, name), f"layer_bits[{idx}].{name}")
+        knobs.check_rules(self.to_dict())
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -114,20 +71,7 @@ class Config:
                 f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         data = dict(data)
-        raw_layers = data.pop("layer_bits", None) or {}
-        if isinstance(raw_layers, dict):
-            raw_layers = raw_layers.items()
-        try:
-            layer_bits = tuple(
-                sorted(
-                    (int(i), LayerBits(int(b["k_bits"]), int(b["v_bits"]))) for i, b in raw_layers
-                )
-            )
-        except (TypeError, KeyError, ValueError) as e:
-            raise UserError(
-                "layer_bits must map layer index to {k_bits: N, v_bits: N}, "
-                f"e.g. {{0: {{k_bits: 8, v_bits: 4}}}} ({e})"
-            ) from e
+        layer_bits = _layer_bits(data.pop("layer_bits", None))
         return cls(**data, layer_bits=layer_bits)
 
     def to_dict(self) -> dict:
@@ -149,9 +93,9 @@ class Config:
         written before they existed stay valid.
         """
         data = self.to_dict()
-        for name, default in _LATER_KNOBS.items():
-            if data[name] == default:
-                del data[name]
+        for knob in KNOBS:
+            if not knob.keyed_at_default and data[knob.name] == knob.default:
+                del data[knob.name]
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -163,55 +107,36 @@ class Config:
 
     def label(self) -> str:
         """Short human name: weights, KV bits and knobs, chunk, pruning (w16 = unquantized)."""
-        weights = {"none": "w16", "int8": "w8", "int4": "w4", "awq4": "awq4"}[self.weights]
-        if self.weights in ("int4", "awq4"):
-            weights += f"g{self.weight_group_size}"
-        if self.kv_scheme == "static":
-            kv = f"k{self.k_bits}v{self.v_bits}"
-        else:
-            kv = f"{self.kv_scheme}{self.target_mean_bits:g}b"
-        parts = [weights, kv]
-        if self.kv_scheme == "static" and (self.k_bits < 16 or self.v_bits < 16):
-            k, v = _GRAN_SHORT[self.k_granularity], _GRAN_SHORT[self.v_granularity]
-            parts.append(k if k == v else f"{k}/{v}")
-            parts.append(f"g{self.group_size}")
-            parts.append(f"r{self.residual_length}")
-            if self.symmetric:
-                parts.append("sym")
-            if self.k_smooth:
-                parts.append("ks")
-            if self.rotation != "none":
-                parts.append("rot")
+        pieces = knobs.label_pieces(self.to_dict())
         if self.layer_bits:
-            parts.append(f"L{len(self.layer_bits)}")
-        parts.append(f"c{self.chunk_size}")
-        if self.prune_rate:
-            parts.append(f"p{round(100 * self.prune_rate)}{self.prune_scorer}")
-        return "-".join(parts)
+            pieces.append((LAYER_BITS_PIECE_AT, f"L{len(self.layer_bits)}"))
+        return "-".join(text for _, text in sorted(pieces))
 
 
-_LATER_KNOBS = {
-    "weights": "none",
-    "weight_group_size": 64,
-    "awq_backend": "native",
-    "prune_rate": 0.0,
-    "prune_scorer": "snapkv",
-    "kv_scheme": "static",
-    "target_mean_bits": 4.0,
-    "controller": "default",
-}
+def canonical(config: Config | dict) -> Config:
+    """The Config of these values with every knob that does not apply at its default, so equal
+    behaviour means equal key. Plain data may pair knobs that a Config refuses together
+    (kv_scheme adaptive with k_bits 4): they do not apply, so they are reset first."""
+    data = config.to_dict() if isinstance(config, Config) else dict(config)
+    layer_bits = _layer_bits(data.pop("layer_bits", None))
+    for name, value in data.items():
+        if name in KNOB:
+            KNOB[name].check(value)
+    data["layer_bits"] = {str(i): asdict(b) for i, b in layer_bits}
+    return Config.from_dict(knobs.canonical(data))
 
 
-def _one_of(name: str, value: object, options: tuple) -> None:
-    if value not in options:
-        raise UserError(f"{name} must be one of {', '.join(map(str, options))}, got {value!r}")
-
-
-def _number_in(name: str, value: object, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise UserError(f"{name} must be a number in {lo}..{hi}, got {value!r}")
-
-
-def _check_bits(name: str, value: object) -> None:
-    if value not in KV_BITS:
-        raise UserError(f"{name} must be one of {', '.join(map(str, KV_BITS))}, got {value!r}")
+def _layer_bits(raw) -> tuple[tuple[int, LayerBits], ...]:
+    """Per-layer bits from plain data: a mapping (or pairs) of layer index to {k_bits, v_bits}."""
+    raw = raw or {}
+    if isinstance(raw, dict):
+        raw = raw.items()
+    try:
+        return tuple(
+            sorted((int(i), LayerBits(int(b["k_bits"]), int(b["v_bits"]))) for i, b in raw)
+        )
+    except (TypeError, KeyError, ValueError) as e:
+        raise UserError(
+            "layer_bits must map layer index to {k_bits: N, v_bits: N}, "
+            f"e.g. {{0: {{k_bits: 8, v_bits: 4}}}} ({e})"
+        ) from e

@@ -24,18 +24,11 @@ import plotly.graph_objects as go
 import yaml
 from plotly.offline import get_plotlyjs
 
+from kvpareto import knobs
 from kvpareto.errors import UserError
 from kvpareto.search.outputs import GRID_NOTE
 
-KNOBS = [
-    "k_bits",
-    "v_bits",
-    "k_granularity",
-    "v_granularity",
-    "group_size",
-    "residual_length",
-    "chunk_size",
-]
+KNOBS = [knob.name for knob in knobs.KNOBS]  # the knob chart shows each one that varies
 PARTS = [
     ("weights_bytes", "weights"),
     ("kv_bytes", "KV cache"),

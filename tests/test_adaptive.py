@@ -20,7 +20,6 @@ from kvpareto.kv.adaptive import AdaptiveKVLayer, _Pool, quota
 from kvpareto.kv.controller import RuleController, load_controller, water_fill
 from kvpareto.kv.features import FEATURES, frequency_counts
 from kvpareto.models import load_model
-from kvpareto.search.space import canonical
 from kvpareto.tasks import get_task
 
 GLOBAL_TINY = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
@@ -224,15 +223,6 @@ def test_adaptive_refuses_what_it_cannot_honour(tiny_models):
         make_cache(
             tiny_models["tiny-llama"].model, Config(kv_scheme="adaptive", k_bits=4), torch.bfloat16
         )
-
-
-def test_search_space_drops_knobs_a_scheme_does_not_use():
-    adaptive = canonical(Config(kv_scheme="adaptive", k_bits=4, residual_length=8, group_size=64))
-    assert (adaptive.k_bits, adaptive.residual_length, adaptive.group_size) == (16, 0, 64)
-    rule = canonical(Config(kv_scheme="rule", target_mean_bits=3.0, controller="mine"))
-    assert (rule.target_mean_bits, rule.controller) == (3.0, "default")
-    static = canonical(Config(k_bits=4, target_mean_bits=3.0))
-    assert static.target_mean_bits == 4.0
 
 
 def test_label_error_closed_form_matches_recomputed_attention():

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvpareto.config import KV_SCHEMES, PRUNE_SCORERS, WEIGHT_METHODS
 from kvpareto.errors import UserError
 from kvpareto.evaluation import get_task
+from kvpareto.knobs import KNOB
 from kvpareto.kv import SCHEMES
 from kvpareto.kv.pruning import SCORERS
 from kvpareto.registry import Registry
@@ -55,6 +55,6 @@ def test_a_registry_hands_back_what_was_registered_in_order():
 
 
 def test_knob_choices_name_the_registered_implementations():
-    assert SCHEMES.names() == list(KV_SCHEMES)
-    assert set(SCORERS.names()) == set(PRUNE_SCORERS)
-    assert set(QUANTIZERS.names()) == set(WEIGHT_METHODS) - {"none"}
+    assert SCHEMES.names() == list(KNOB["kv_scheme"].choices)
+    assert set(SCORERS.names()) == set(KNOB["prune_scorer"].choices)
+    assert set(QUANTIZERS.names()) == set(KNOB["weights"].choices) - {"none"}

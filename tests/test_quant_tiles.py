@@ -15,7 +15,7 @@ from kvpareto.codec import (
     tile_shape,
     unpack,
 )
-from kvpareto.config import GRANULARITIES
+from kvpareto.knobs import GRANULARITIES
 
 BITS = (2, 4, 8)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kvpareto.config import Config
 from kvpareto.evaluation.result import RecordError, TrialFigures, TrialResult
 from kvpareto.search.store import TrialCache
 
@@ -16,13 +17,23 @@ STORED = sorted((Path(__file__).parent / "data" / "golden_smoke" / "trial-cache"
 
 @pytest.fixture
 def record() -> dict:
-    return json.loads(STORED[0].read_text())
+    """A stored record in today's shape: its config with every knob, k_clip included."""
+    record = json.loads(STORED[0].read_text())
+    record["config"] = Config.from_dict(record["config"]).to_dict()
+    return record
 
 
 @pytest.mark.parametrize("path", STORED, ids=lambda p: p.stem)
 def test_a_stored_trial_cache_record_round_trips_byte_for_byte(path):
     text = path.read_text()
-    assert json.dumps(TrialResult.from_dict(json.loads(text)).to_dict()) == text
+    result = TrialResult.from_dict(json.loads(text))
+    # knobs added since the record was written (k_clip) join its config at their defaults
+    stored = json.loads(text)
+    added = {k: v for k, v in result.config.to_dict().items() if k not in stored["config"]}
+    assert set(added) <= {"k_clip"} and Config.from_dict(stored["config"]) == result.config
+    stored["config"] = result.config.to_dict()
+    assert json.dumps(result.to_dict()) == json.dumps(stored)
+    assert json.dumps({**result.to_dict(), "config": json.loads(text)["config"]}) == text
 
 
 def test_a_record_with_perplexity_round_trips_and_derives_its_delta(record):

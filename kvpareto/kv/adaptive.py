@@ -359,21 +359,3 @@ def _check_config(model_config, config: Config) -> None:
             f"kv_scheme {config.kv_scheme} needs global attention in every layer; this model has "
             "sliding-window layers (use kv_scheme static)"
         )
-    static_only = {
-        "k_bits": config.k_bits != 16,
-        "v_bits": config.v_bits != 16,
-        "layer_bits": bool(config.layer_bits),
-        "k_granularity": config.k_granularity != "per-token",
-        "v_granularity": config.v_granularity != "per-token",
-        "residual_length": config.residual_length != 0,
-        "k_smooth": config.k_smooth,
-        "rotation": config.rotation != "none",
-        "prune_rate": config.prune_rate > 0,
-    }
-    used = [knob for knob, on in static_only.items() if on]
-    if used:
-        verb = "applies" if len(used) == 1 else "apply"
-        raise UserError(
-            f"{', '.join(used)} {verb} to kv_scheme static only; kv_scheme {config.kv_scheme} "
-            "chooses per-token bits from --target-mean-bits"
-        )

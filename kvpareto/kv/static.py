@@ -164,6 +164,7 @@ class StreamSpec:
     rotate: bool  # Hadamard-rotate channels before quantizing
     window: int | None  # sliding-window size, None for global attention
     fp_bytes: int  # bytes per value of the full-precision tail
+    clip: float = 1.0  # each tile's range kept before coding (keys: k_clip)
 
     @property
     def quantized(self) -> bool:
@@ -205,7 +206,7 @@ def stream_specs(
     bits = config.bits_for_layer(layer_idx)
     fp_bytes = torch.finfo(dtype).bits // 8
 
-    def spec(b: int, granularity: str, smooth: bool) -> StreamSpec:
+    def spec(b: int, granularity: str, smooth: bool, clip: float) -> StreamSpec:
         return StreamSpec(
             bits=b,
             tile=tile_shape(granularity, config.group_size, head_dim),
@@ -215,11 +216,12 @@ def stream_specs(
             rotate=config.rotation == "hadamard" and b < 16,
             window=window,
             fp_bytes=fp_bytes if b < 16 else torch.finfo(storage_dtype_16(dtype)).bits // 8,
+            clip=clip if b < 16 else 1.0,
         )
 
     return (
-        spec(bits.k_bits, config.k_granularity, config.k_smooth),
-        spec(bits.v_bits, config.v_granularity, False),
+        spec(bits.k_bits, config.k_granularity, config.k_smooth, config.k_clip),
+        spec(bits.v_bits, config.v_granularity, False, 1.0),
     )
 
 
@@ -416,7 +418,7 @@ class KVStream:
             x = x - self.mean.float()
         if self._rot is not None:
             x = x @ self._rot
-        return quantize(x, self.spec.bits, self.spec.tile, self.spec.symmetric)
+        return quantize(x, self.spec.bits, self.spec.tile, self.spec.symmetric, self.spec.clip)
 
 
 def _quantized(held: list[torch.Tensor]) -> Quantized:

@@ -14,14 +14,15 @@ choices:
 Per-layer mixed precision (KVTuner-style): `layer_groups: G` splits the decoder layers into G
 contiguous groups and `layer_pairs: [k8v4, k4v2, ...]` lists the K/V pairs each group may take.
 
-Knobs are conditional: a quantization knob (granularity, group size, residual window, symmetric,
-smoothing, rotation) is only chosen for a stream that is actually quantized (bits < 16), the weight
-group size only for int4/awq4 weights, the AWQ backend only for awq4, and the pruning scorer only
-for a prune rate above 0; kv_scheme adaptive/rule replace k_bits, v_bits and layer pairs by
-target_mean_bits (and controller, for adaptive), keeping only group_size and symmetric of the
-quantization knobs; where a knob does not apply, the Config default stands. So two proposals
-that differ only in knobs that do not apply are the same Config, and the trial cache serves the
-second one for free.
+Knobs are conditional, as the knob table (kvpareto/knobs.py) says: a quantization knob
+(granularity, group size, residual window, symmetric, smoothing, rotation) is only chosen for a
+stream that is actually quantized, the weight group size only for int4/awq4 weights, the AWQ
+backend only for awq4, and the pruning scorer only for a prune rate above 0; kv_scheme
+adaptive/rule replace k_bits, v_bits, layer pairs and pruning by target_mean_bits (and
+controller, for adaptive), keeping only group_size and symmetric of the quantization knobs;
+where a knob does not apply, the Config default stands. So two proposals that differ only in
+knobs that do not apply are the same Config, and the trial cache serves the second one for free.
+The sampler is asked for knobs in the table's `ask_at` order, which pins the proposals of a seed.
 
 Errors name the key and its line in the file. Knows nothing of models or optuna internals beyond
 the `suggest_categorical` call.
@@ -31,32 +32,20 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
-from kvpareto.config import Config
+from kvpareto.config import Config, canonical
 from kvpareto.errors import UserError
-from kvpareto.weights.awq_backends import check_backend
+from kvpareto.knobs import DEFAULTS, KNOB, KNOBS, LAYER_PAIRS_ASKED_AT, Knob
 
-_CONFIG_KEYS = [f.name for f in fields(Config) if f.name != "layer_bits"]
-_K_KNOBS = ("k_granularity", "k_smooth")
-_V_KNOBS = ("v_granularity",)
-_SHARED_KNOBS = ("group_size", "residual_length", "symmetric", "rotation")
-# (knob, the condition under which it applies): otherwise the Config default stands
-_WEIGHT_KNOBS = (
-    ("weight_group_size", lambda d: d.get("weights") in ("int4", "awq4")),
-    ("awq_backend", lambda d: d.get("weights") == "awq4"),
-)
-_PRUNE_KNOBS = (("prune_scorer", lambda d: d.get("prune_rate", 0) > 0),)
-# kv_scheme adaptive/rule choose per-token bits themselves: k_bits, v_bits and per-layer bits do
-# not apply, and of the quantization knobs only the pools' tile (group, symmetric) does.
-_SCHEME_KNOBS = (
-    ("target_mean_bits", lambda d: d.get("kv_scheme", "static") != "static"),
-    ("controller", lambda d: d.get("kv_scheme") == "adaptive"),
-)
-_POOL_KNOBS = ("group_size", "symmetric")
+# The sampler's questions, in `ask_at` order (sorted() is stable: ties keep table order), before
+# and after a space's per-layer K/V pairs.
+_ASKED = sorted(KNOBS, key=lambda k: k.ask_at)
+_BEFORE_LAYERS = [k for k in _ASKED if k.ask_at < LAYER_PAIRS_ASKED_AT]
+_AFTER_LAYERS = [k for k in _ASKED if k.ask_at > LAYER_PAIRS_ASKED_AT]
 
 
 @dataclass(frozen=True)
@@ -72,45 +61,37 @@ class SearchSpace:
     def suggest(self, trial, n_layers: int = 0) -> Config:
         """Ask an Optuna trial for one Config, choosing only the knobs that apply."""
         picked: dict = {}
+        self._ask(trial, _BEFORE_LAYERS, picked)
+        self._ask_layers(trial, n_layers, picked)
+        self._ask(trial, _AFTER_LAYERS, picked)
+        return canonical(picked)
 
-        def choose(key):
-            options = self.choices.get(key)
-            if options is None:
-                return
+    def _ask(self, trial, knobs: list[Knob], picked: dict) -> None:
+        """Each knob of the space that applies to what is picked so far, in turn."""
+        for knob in knobs:
+            options = self.choices.get(knob.name)
+            if options is None or not knob.applies({**DEFAULTS, **picked}):
+                continue
             if len(options) == 1:
-                picked[key] = options[0]
+                picked[knob.name] = options[0]
             else:
-                picked[key] = trial.suggest_categorical(key, list(options))
+                picked[knob.name] = trial.suggest_categorical(knob.name, list(options))
 
-        choose("kv_scheme")
-        scheme = picked.get("kv_scheme", "static") != "static"
-        for key in ("chunk_size", "weights", "prune_rate") + (
-            () if scheme else ("k_bits", "v_bits")
-        ):
-            choose(key)
-        for key, applies in _WEIGHT_KNOBS + _PRUNE_KNOBS + _SCHEME_KNOBS:
-            if applies(picked):
-                choose(key)
-        if self.layer_groups and not scheme:
-            names = [_pair_name(p) for p in self.layer_pairs]
-            pairs = [
-                _parse_pair(trial.suggest_categorical(f"layer_group_{g}", names))
-                for g in range(self.layer_groups)
-            ]
-            picked["k_bits"], picked["v_bits"] = pairs[0]
-            picked["layer_bits"] = {
-                layer: {"k_bits": k, "v_bits": v}
-                for layer, (k, v) in _spread(pairs, n_layers).items()
-                if (k, v) != pairs[0]
-            }
-        k_q, v_q = _quantized(picked)
-        for key in _K_KNOBS if k_q else ():
-            choose(key)
-        for key in _V_KNOBS if v_q else ():
-            choose(key)
-        for key in _SHARED_KNOBS if (k_q or v_q) else _POOL_KNOBS if scheme else ():
-            choose(key)
-        return canonical(Config.from_dict(picked))
+    def _ask_layers(self, trial, n_layers: int, picked: dict) -> None:
+        """Per-layer K/V pairs, one per contiguous group of layers (static caches only)."""
+        if not self.layer_groups or picked.get("kv_scheme", "static") != "static":
+            return
+        names = [_pair_name(p) for p in self.layer_pairs]
+        pairs = [
+            _parse_pair(trial.suggest_categorical(f"layer_group_{g}", names))
+            for g in range(self.layer_groups)
+        ]
+        picked["k_bits"], picked["v_bits"] = pairs[0]
+        picked["layer_bits"] = {
+            layer: {"k_bits": k, "v_bits": v}
+            for layer, (k, v) in _spread(pairs, n_layers).items()
+            if (k, v) != pairs[0]
+        }
 
     def without_weight_groups(self, groups) -> SearchSpace:
         """This space with the int4/awq4 group sizes in `groups` left out, unless they are all
@@ -128,40 +109,9 @@ class SearchSpace:
         keys = list(self.choices)
         seen: dict[str, Config] = {}
         for combo in itertools.product(*(self.choices[k] for k in keys)):
-            cfg = canonical(Config(**dict(zip(keys, combo, strict=True))))
+            cfg = canonical(dict(zip(keys, combo, strict=True)))
             seen.setdefault(cfg.key(), cfg)
         return list(seen.values())
-
-
-def canonical(cfg: Config) -> Config:
-    """Reset the knobs that do not apply to their defaults, so equal behaviour means equal key."""
-    default = Config()
-    data = cfg.to_dict()
-    scheme = data["kv_scheme"] != "static"
-    if scheme:
-        data.update(k_bits=default.k_bits, v_bits=default.v_bits, layer_bits={})
-    k_q, v_q = _quantized(data)
-    if not k_q:
-        for key in _K_KNOBS:
-            data[key] = getattr(default, key)
-    if not v_q:
-        for key in _V_KNOBS:
-            data[key] = getattr(default, key)
-    for key in _SHARED_KNOBS:
-        if not (k_q or v_q or (scheme and key in _POOL_KNOBS)):
-            data[key] = getattr(default, key)
-    for key, applies in _WEIGHT_KNOBS + _PRUNE_KNOBS + _SCHEME_KNOBS:
-        if not applies(data):
-            data[key] = getattr(default, key)
-    return Config.from_dict(data)
-
-
-def _quantized(data: dict) -> tuple[bool, bool]:
-    """Whether any layer quantizes K, and V (global bits or a per-layer override)."""
-    layers = list((data.get("layer_bits") or {}).values())
-    k_q = data.get("k_bits", 16) < 16 or any(b["k_bits"] < 16 for b in layers)
-    v_q = data.get("v_bits", 16) < 16 or any(b["v_bits"] < 16 for b in layers)
-    return k_q, v_q
 
 
 def _pair_name(pair: tuple[int, int]) -> str:
@@ -211,6 +161,22 @@ class _Mapping(dict):
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _options(knob: Knob, value) -> tuple:
+    """A knob's choices in a space file: one value or a list, each one the knob can take and
+    that can run here."""
+    options = tuple(value) if isinstance(value, list) else (value,)
+    if not options:
+        raise UserError("needs at least one value")
+    for option in options:
+        if isinstance(option, dict | list):
+            raise UserError(f"values must be scalars, got {option!r}")
+        knob.check(option)
+        knob.check_runs_here(option)
+    if len(set(options)) != len(options):
+        raise UserError("lists a value twice")
+    return options
+
+
 def load_space(path: Path | str) -> SearchSpace:
     path = Path(path)
     if not path.is_file():
@@ -251,34 +217,15 @@ def load_space(path: Path | str) -> SearchSpace:
     if not isinstance(params, dict) or not params:
         raise fail("params", "must be a non-empty mapping of config keys to a value or a list")
     choices: dict[str, tuple] = {}
-    for key in _CONFIG_KEYS:
-        if key not in params:
-            continue
-        value = params[key]
-        options = tuple(value) if isinstance(value, list) else (value,)
-        if not options:
-            raise fail(key, "needs at least one value", params)
-        for option in options:
-            if isinstance(option, dict | list):
-                raise fail(key, f"values must be scalars, got {option!r}", params)
+    for knob in KNOBS:
+        if knob.name in params:
             try:
-                Config(**{key: option})
+                choices[knob.name] = _options(knob, params[knob.name])
             except UserError as e:
-                raise fail(key, str(e), params) from None
-            except TypeError:
-                raise fail(key, f"invalid value {option!r}", params) from None
-        if len(set(options)) != len(options):
-            raise fail(key, "lists a value twice", params)
-        if key == "awq_backend":
-            for option in options:
-                try:
-                    check_backend(option)
-                except UserError as e:
-                    raise fail(key, str(e), params) from None
-        choices[key] = options
-    unknown = sorted(set(params) - set(_CONFIG_KEYS))
+                raise fail(knob.name, str(e), params) from None
+    unknown = sorted(set(params) - set(KNOB))
     if unknown:
-        raise fail(unknown[0], f"not a searchable knob; known: {', '.join(_CONFIG_KEYS)}", params)
+        raise fail(unknown[0], f"not a searchable knob; known: {', '.join(KNOB)}", params)
 
     baselines = []
     for i, raw in enumerate(data.get("baselines") or []):

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from kvpareto.config import Config
+from kvpareto.config import Config, canonical
 from kvpareto.errors import UserError
 from kvpareto.evaluation.result import TrialResult
 from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
 from kvpareto.registry import Registry
-from kvpareto.search.space import SearchSpace, canonical
+from kvpareto.search.space import SearchSpace
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
 
 SAMPLERS: Registry[Callable[[int], object]] = Registry("sampler")  # seed -> an Optuna sampler

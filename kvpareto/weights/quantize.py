@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from kvpareto.config import Config
+from kvpareto.knobs import KNOB
 from kvpareto.registry import Registry
 from kvpareto.weights import int4pack
-from kvpareto.weights.awq_backends import check_backend
 from kvpareto.weights.packed_linear import LAYOUTS, PackedLinear, weight_group
 
 CACHE_FORMAT = 3  # 3: kernel layouts (int4pack, int8 codes, bf16 scales)
@@ -105,7 +105,7 @@ def quantized_model(
     if method == "none":
         return loaded
     if backend:
-        check_backend(backend)
+        KNOB["awq_backend"].check_runs_here(backend)
     quantizer = QUANTIZERS.get(method)
     data = None
     if quantizer.needs_calibration:

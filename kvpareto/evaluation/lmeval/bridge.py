@@ -14,7 +14,8 @@ Requests run one at a time (batch size 1): a padded batch is not what the cache 
 
 `evaluate_task` runs one task by name for `--tasks lm-eval:NAME`, offline, and returns a score
 per document. lm-eval 0.4.13 has no plugin entry points, so `main` is lm-eval's own command line
-with this model registered (`kvpareto lm-eval --model kvpareto ...`).
+with this model registered (`kvpareto lm-eval --model kvpareto ...`). Offline is set once, at
+the command line's entry (`kvpareto.cli.main`), before lm-eval or datasets is imported.
 """
 
 from __future__ import annotations
@@ -22,34 +23,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import sys
-from dataclasses import fields
 from functools import cache
 from pathlib import Path
 
-# kvpareto never reaches a model or data hub at run time; these must be set before `datasets`
-# and `huggingface_hub` are imported, and they turn downloads into one prompt failure instead
-# of retries. An explicit setting (HF_HUB_OFFLINE=0) still wins.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from lm_eval.api.registry import register_model  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from kvpareto.config import Config  # noqa: E402
-from kvpareto.engine import generate, score_tokens  # noqa: E402
-from kvpareto.errors import UserError  # noqa: E402
-from kvpareto.evaluation.lmeval import LOCAL_TASKS  # noqa: E402
-from kvpareto.hardware import (  # noqa: E402
+from kvpareto.config import Config
+from kvpareto.engine import generate, score_tokens
+from kvpareto.errors import UserError
+from kvpareto.evaluation.lmeval import LOCAL_TASKS
+from kvpareto.hardware import (
     COMPUTE_DTYPES,
     STORAGE_DTYPES,
     dtype_choice,
     resolve_compute_dtype,
 )
-from kvpareto.models import DEFAULT_MODEL, LoadedModel, load_model, pull, resolve_ref  # noqa: E402
+from kvpareto.knobs import KNOB
+from kvpareto.models import DEFAULT_MODEL, LoadedModel, load_model, pull, resolve_ref
 
 
 @register_model("kvpareto")
@@ -126,16 +120,15 @@ class KVParetoLM(HFLM):
 
 def config_from_args(args: dict) -> Config:
     """A Config from lm-eval model args, whose values arrive as strings or guessed types."""
-    types = {f.name: f.type for f in fields(Config)}
     data = {}
     for key, value in args.items():
-        kind = types.get(key)
-        if isinstance(value, str) and kind in ("int", "float"):
+        kind = KNOB[key].type if key in KNOB else None
+        if isinstance(value, str) and kind in (int, float):
             try:
-                value = int(value) if kind == "int" else float(value)
+                value = kind(value)
             except ValueError:
                 raise UserError(f"{key} takes a number; got {value!r}") from None
-        elif isinstance(value, str) and kind == "bool":
+        elif isinstance(value, str) and kind is bool:
             value = {"true": True, "false": False}.get(value.lower(), value)
         data[key] = value
     return Config.from_dict(data)

@@ -1,0 +1,168 @@
+"""`kvpareto bench`: speed, memory and accuracy as ratios against baselines of the same run."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from kvpareto.cli import options
+from kvpareto.cli.console import err, out
+from kvpareto.cli.tables import mib
+from kvpareto.errors import UserError
+from kvpareto.hardware import cpu_flag_summary
+
+PARTS = ("kv", "weights", "prune", "reuse", "dtype")
+
+
+def bench_command(
+    model: str = options.model("Model to benchmark."),
+    context_lengths: str = typer.Option("1024,4096", help="Comma-separated context lengths."),
+    steps: int = typer.Option(16, min=1, help="Decode steps per timed run."),
+    repeats: int = typer.Option(3, min=1, help="Timed runs per figure (the median is kept)."),
+    threads: int | None = options.threads(),
+    dtype: str = options.dtype(),
+    storage_dtype: str = options.storage_dtype(),
+    parts: str = typer.Option(
+        "kv,weights,prune,reuse,dtype",
+        help="Which benchmarks: kv, weights, prune, reuse, dtype.",
+    ),
+    prune_samples: int = typer.Option(10, min=1, help="NIAH prompts per prune rate."),
+    as_json: bool = options.as_json(),
+) -> None:
+    """Measure speed, memory and accuracy as ratios against baselines measured in the same run.
+
+    Example: kvpareto bench --model smollm2-135m --threads 2
+    """
+    import torch
+
+    lengths = options.csv_ints(context_lengths, "--context-lengths")
+    compute, storage = options.dtypes(dtype, storage_dtype)
+    chosen = {p.strip() for p in parts.split(",") if p.strip()}
+    if not chosen or chosen - set(PARTS):
+        raise UserError(
+            f"--parts takes a comma-separated subset of {', '.join(sorted(PARTS))}; got {parts!r}"
+        )
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = options.load(model, compute, storage)
+    rows = _measure(loaded, model, chosen, lengths, steps, repeats, prune_samples, storage)
+    rows.update(compute.to_dict(), storage_dtype=storage)
+    rows["cpu_flags"] = cpu_flag_summary()
+    from kvpareto.bench import targets
+
+    rows["targets"] = targets(rows)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if "weights" in rows:
+        _print_weights(rows["weights"], min(lengths))
+    if "prune" in rows:
+        _print_prune(rows["prune"], min(lengths))
+    if "decode" in rows:
+        _print_kv_bench(rows, compute, storage)
+    _print_targets(rows)
+
+
+def _measure(loaded, model, chosen, lengths, steps, repeats, prune_samples, storage) -> dict:
+    """The chosen parts, each against its own baseline measured here."""
+    import torch
+
+    from kvpareto.bench import dtype_bench, prune_bench, reuse_bench, run_bench, weight_bench
+
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    rows = run_bench(loaded.model, lengths, steps, repeats, log=log) if "kv" in chosen else {}
+    if "weights" in chosen:
+        rows["weights"] = weight_bench(loaded, min(lengths), steps, repeats, log=log)
+    if "prune" in chosen:
+        rows["prune"] = prune_bench(loaded, min(lengths), prune_samples, log=log)
+    if "reuse" in chosen:
+        rows["reuse"] = reuse_bench(loaded, min(lengths), prune_samples, log=log)
+    if "dtype" in chosen:
+        rows["dtype"] = dtype_bench(model, getattr(torch, storage), max(lengths), repeats, log=log)
+    rows["model"], rows["threads"] = loaded.spec.name, torch.get_num_threads()
+    return rows
+
+
+def _print_weights(rows: list[dict], length: int) -> None:
+    table = Table(title=f"weights (16-bit KV, decode at {length} tokens)")
+    cols = ("weights", "quantize s", "MiB", "÷ none", "decode tok/s", "÷ none ", "kernel")
+    for col in cols:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["weights"],
+            f"{r['quantize_s']:.1f}" if r["quantize_s"] is not None else "",
+            mib(r["weights_bytes"]),
+            f"{r['bytes_vs_none']:.2f}x",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['vs_none']:.2f}x",
+            r["kernel"],
+        )
+    out.print(table)
+
+
+def _print_prune(rows: list[dict], length: int) -> None:
+    table = Table(title=f"KV pruning (snapkv, k4v4, NIAH at {length} tokens)")
+    for col in ("prune rate", "accuracy", "95% CI", "KV MiB", "÷ unpruned"):
+        table.add_column(col)
+    for r in rows:
+        lo, hi = r["accuracy_ci"]
+        table.add_row(
+            f"{r['prune_rate']:.2f}",
+            f"{r['accuracy']:.2f}",
+            f"[{lo:.2f}, {hi:.2f}]",
+            mib(r["kv_bytes"]),
+            f"{r['kv_vs_unpruned']:.2f}x",
+        )
+    out.print(table)
+
+
+def _print_kv_bench(rows: dict, compute, storage: str) -> None:
+    decode = Table(
+        title=f"decode tokens/s, {rows['threads']} threads, compute {compute.name} "
+        f"({compute.reason}), storage {storage}"
+    )
+    cols = ("context", "KV bits", "path", "ours tok/s", "÷ DynamicCache", "÷ quanto-4")
+    for col in (*cols, "÷ reference path"):
+        decode.add_column(col)
+    for r in rows["decode"]:
+        vs_q = f"{r['vs_quanto4']:.2f}x" if r["vs_quanto4"] else ""
+        vs_ref = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else ""
+        decode.add_row(
+            str(r["context"]),
+            str(r["kv_bits"]) if r["scheme"] == "static" else f"{r['scheme']} {r['kv_bits']}",
+            r["path"],
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['vs_dynamic']:.2f}x",
+            vs_q,
+            vs_ref,
+        )
+    out.print(decode)
+    pre = Table(title="prefill (4-bit cache) and measured activation peak")
+    for col in ("context", "chunk", "tok/s", "÷ unchunked", "activation peak MiB"):
+        pre.add_column(col)
+    for p, a in zip(rows["prefill"], rows["activation"], strict=True):
+        pre.add_row(
+            str(p["context"]),
+            str(p["chunk_size"] or "none"),
+            f"{p['tokens_per_s']:.0f}",
+            f"{p['vs_unchunked']:.2f}x",
+            mib(a["activation_peak_bytes"]),
+        )
+    out.print(pre)
+
+
+def _print_targets(rows: dict) -> None:
+    table = Table(
+        title=f"targets ({rows['threads']} threads; CPU flags: {rows['cpu_flags']})",
+        caption="`make search` wall time (target <= 20 min on an AVX2-only 2-core CPU) is timed "
+        "by running it, not here.",
+    )
+    for col in ("measure", "measured", "target", "met"):
+        table.add_column(col)
+    for t in rows["targets"]:
+        met = "" if t["met"] is None else ("yes" if t["met"] else "NO")
+        table.add_row(t["measure"], f"{t['value']:.2f}x", t["target"] or "reported", met)
+    out.print(table)

@@ -1,0 +1,62 @@
+"""Tables more than one command prints: a study's frontier (`search`, `frontier`), and MiB."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from kvpareto.cli.console import out
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def print_frontier(model: str, summary: dict) -> None:
+    from kvpareto.search.outputs import GRID_NOTE
+
+    base = summary.get("baseline")
+    source = summary.get("source_precision")
+    rebuilt = any(e.get("reproduces_source_grid") for e in summary["frontier"])
+    table = Table(
+        title=f"{model}: Pareto frontier ({summary['complete']} complete, "
+        f"{summary['failed']} failed, {summary['infeasible']} over budget)"
+        + (f"\nsource precision: {source}" if source else ""),
+        caption=f"hypervolume {summary['hypervolume']:.4f} (reference: 1.1 x baseline memory, "
+        "accuracy 0); K = knee; ~ = CI overlaps a cheaper frontier point"
+        + (f"; G = {GRID_NOTE}" if rebuilt else ""),
+    )
+    table.add_column("")
+    table.add_column("config", no_wrap=True)
+    with_ppl = any(e.get("perplexity") is not None for e in summary["frontier"])
+    for col in ("MB", "vs base", "acc", "95% CI", "Δ acc") + (("Δ ppl",) if with_ppl else ()):
+        table.add_column(col, no_wrap=True)
+    for e in summary["frontier"]:
+        mark = (
+            ("K" if e["knee"] else "")
+            + ("~" if e["indistinguishable"] else "")
+            + ("G" if e.get("reproduces_source_grid") else "")
+        )
+        lo, hi = e["accuracy_ci"]
+        delta = e["delta_accuracy"]
+        table.add_row(
+            mark,
+            e["label"],
+            f"{e['total_bytes'] / 1e6:.1f}",
+            f"-{e['memory_reduction']:.1%}"
+            if e["memory_reduction"] >= 0
+            else f"+{-e['memory_reduction']:.1%}",
+            f"{e['accuracy']:.3f}",
+            f"[{lo:.2f}, {hi:.2f}]",
+            _delta(delta),
+            *([_delta(e.get("delta_perplexity"))] if with_ppl else []),
+        )
+    out.print(table)
+    if base:
+        out.print(
+            f"baseline {base['label']}: {base['total_bytes'] / 1e6:.1f} MB, "
+            f"accuracy {base['accuracy']:.3f}"
+        )
+
+
+def _delta(value: float | None) -> str:
+    return "" if value is None else f"{value:+.3f}"
