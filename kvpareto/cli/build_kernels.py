@@ -11,7 +11,7 @@ def build_kernels_command() -> None:
 
     Example: kvpareto build-kernels
     """
-    from kvpareto.kv import fused_decode
+    from kvpareto.kernels import fused_decode
 
     if fused_decode.kernel() is None:
         raise typer.Exit(1)
