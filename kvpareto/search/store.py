@@ -71,16 +71,18 @@ def resolve_storage(url: str | None, study_dir: Path, workers: int):
 
 def _rdb(url: str, attempts: int = 3):
     """Optuna's RDB storage at `url`. Workers that start together on an empty database all
-    create Optuna's tables, and the losers hit a unique constraint (pg_type); the tables exist
-    once the winner is done, so a loser retries."""
+    create Optuna's tables, and the losers hit a unique constraint (pg_type) or find a table
+    already there (DuplicateTable); the tables exist once the winner is done, so a loser
+    retries."""
     import optuna
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-        except IntegrityError:
-            if attempt == attempts - 1:
+        except (IntegrityError, ProgrammingError) as e:
+            lost_race = isinstance(e, IntegrityError) or "already exists" in str(e)
+            if not lost_race or attempt == attempts - 1:
                 raise
             time.sleep(1 + attempt)
 
