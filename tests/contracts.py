@@ -38,18 +38,13 @@ STATIC_GRID = [
     Config.from_dict({"k_bits": 4, "v_bits": 4, "layer_bits": {0: {"k_bits": 16, "v_bits": 2}}}),
 ]
 
-# The static configurations that pruning is checked under (tests/test_pruning.py too).
+# The static configurations that pruning is checked under (tests/test_pruning.py too): the
+# static grid with the 8/8 case swapped for two plainer low-bit ones.
 PRUNE_GRID = [
-    Config(),
+    STATIC_GRID[0],
     Config(k_bits=4, v_bits=2),
     Config(k_bits=8, v_bits=4, symmetric=True, group_size=64),
-    Config(k_bits=2, v_bits=2, k_granularity="per-channel", residual_length=32),
-    Config(
-        k_bits=4, v_bits=4, k_granularity="per-block", v_granularity="per-tensor", group_size=64
-    ),
-    Config(k_bits=2, v_bits=4, symmetric=True, group_size=128, residual_length=5),
-    Config(k_bits=4, v_bits=8, k_smooth=True, rotation="hadamard"),
-    Config.from_dict({"k_bits": 4, "v_bits": 4, "layer_bits": {0: {"k_bits": 16, "v_bits": 2}}}),
+    *STATIC_GRID[3:],
 ]
 
 ADAPTIVE_GRID = [
