@@ -11,7 +11,7 @@ from kvpareto.knobs import KNOB
 from kvpareto.kv import SCHEMES
 from kvpareto.kv.pruning import SCORERS
 from kvpareto.registry import Registry
-from kvpareto.search.study import SAMPLERS
+from kvpareto.search.samplers import SAMPLERS
 from kvpareto.tasks import FAMILIES, TASKS
 from kvpareto.weights.quantize import QUANTIZERS
 from tests.contracts import (

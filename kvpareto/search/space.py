@@ -66,6 +66,16 @@ class SearchSpace:
         self._ask(trial, _AFTER_LAYERS, picked)
         return canonical(picked)
 
+    def params_of(self, config: Config, n_layers: int = 0) -> dict | None:
+        """The sampler params that make `suggest` return `config`, or None when the space
+        cannot express it (a value outside its choices, or per-layer bits it does not ask)."""
+        asked = _Answers(config.to_dict())
+        try:
+            found = self.suggest(asked, n_layers)
+        except _OffSpace:
+            return None
+        return asked.params if found.key() == config.key() else None
+
     def _ask(self, trial, knobs: list[Knob], picked: dict) -> None:
         """Each knob of the space that applies to what is picked so far, in turn."""
         for knob in knobs:
@@ -112,6 +122,23 @@ class SearchSpace:
             cfg = canonical(dict(zip(keys, combo, strict=True)))
             seen.setdefault(cfg.key(), cfg)
         return list(seen.values())
+
+
+class _OffSpace(Exception):
+    pass
+
+
+class _Answers:
+    """Answers `suggest`'s questions from a config's own values, recording them as params."""
+
+    def __init__(self, values: dict):
+        self.values, self.params = values, {}
+
+    def suggest_categorical(self, name: str, choices: list):
+        if name not in self.values or self.values[name] not in choices:
+            raise _OffSpace(name)
+        self.params[name] = self.values[name]
+        return self.values[name]
 
 
 def _pair_name(pair: tuple[int, int]) -> str:

@@ -28,7 +28,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,11 +36,10 @@ from kvpareto.config import Config, canonical
 from kvpareto.errors import UserError
 from kvpareto.evaluation.result import TrialResult
 from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
-from kvpareto.registry import Registry
+from kvpareto.search.samplers import SAMPLERS, enqueue_fixed, make_sampler
 from kvpareto.search.space import SearchSpace
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
 
-SAMPLERS: Registry[Callable[[int], object]] = Registry("sampler")  # seed -> an Optuna sampler
 OBJECTIVES = ("memory", "accuracy", "latency")
 
 
@@ -157,45 +155,6 @@ class _StopRequests:
         self.requested = True
 
 
-@SAMPLERS.register("nsga2")
-def _nsga2(seed: int):
-    from optuna.samplers import NSGAIISampler
-
-    return NSGAIISampler(seed=seed, population_size=8)
-
-
-@SAMPLERS.register("tpe")
-def _tpe(seed: int):
-    from optuna.samplers import TPESampler
-
-    return TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
-
-
-@SAMPLERS.register("gp")
-def _gp(seed: int):
-    from optuna.samplers import GPSampler
-
-    return GPSampler(seed=seed, n_startup_trials=6)
-
-
-def _random(seed: int):
-    from optuna.samplers import RandomSampler
-
-    return RandomSampler(seed=seed)
-
-
-SAMPLERS.add("grid", _random)  # every grid point is enqueued (`prepare`): never asked
-SAMPLERS.add("random", _random)
-
-
-def make_sampler(name: str, seed: int, n_objectives: int):
-    return SAMPLERS.get(name)(seed)
-
-
-def _fixed(config: Config) -> dict:
-    return {"fixed_config": config.to_dict()}
-
-
 class Search:
     """One model's study: owns the Optuna study, the trial cache and the loaded model."""
 
@@ -221,7 +180,7 @@ class Search:
             study_name=f"{settings.study}:{settings.model}",
             storage=storage,
             directions=directions,
-            sampler=make_sampler(settings.sampler, settings.seed, len(directions)),
+            sampler=make_sampler(settings.sampler, settings.seed),
             load_if_exists=True,
         )
         self.loaded = None
@@ -243,11 +202,7 @@ class Search:
             first = [canonical(Config())] + list(self.space.baselines)
             if self.s.sampler == "grid":
                 first += self.space.grid()
-            seen = set()
-            for cfg in first:
-                if cfg.key() not in seen:
-                    seen.add(cfg.key())
-                    self.study.enqueue_trial({}, user_attrs=_fixed(cfg))
+            enqueue_fixed(self.study, self.space, first, self._n_layers())
         elif self.local_storage:
             for t in trials:
                 if t.state == TrialState.RUNNING:
@@ -256,7 +211,8 @@ class Search:
                     self.study.tell(t.number, state=TrialState.FAIL)
                     redo = t.user_attrs.get("config")
                     if redo:
-                        self.study.enqueue_trial({}, user_attrs={"fixed_config": redo})
+                        redo = Config.from_dict(redo)
+                        enqueue_fixed(self.study, self.space, [redo], self._n_layers())
         target = self.s.trials
         if self.s.sampler == "grid":
             target = max(target, len(self.study.get_trials(deepcopy=False)))
@@ -296,10 +252,17 @@ class Search:
         ]
         self.space = narrowed
 
+    def _n_layers(self) -> int:
+        return self.loaded.model.config.get_text_config().num_hidden_layers
+
     def objective(self, trial):
         fixed = trial.user_attrs.get("fixed_config")
-        n_layers = self.loaded.model.config.get_text_config().num_hidden_layers
-        config = Config.from_dict(fixed) if fixed else self.space.suggest(trial, n_layers)
+        if fixed and not trial.user_attrs.get("in_space"):
+            config = Config.from_dict(fixed)
+        else:  # a fixed config the space expresses is asked too, so the trial holds its params
+            config = self.space.suggest(trial, self._n_layers())
+            if fixed and config.key() != Config.from_dict(fixed).key():
+                raise RuntimeError(f"enqueued {fixed} came back as {config.label()}")
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("label", config.label())
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
