@@ -17,7 +17,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvpareto-installed
 RESULTS ?= results
 
-.PHONY: setup model search smoke test report bench lint format lock clean
+.PHONY: setup model search smoke test report bench sampler-grid lint format lock clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,18 @@ report: setup
 bench: model
 	$(BIN)/python -c "import optimum.quanto" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/kvpareto bench --model $(MODEL) --threads 2
+
+# The sampler replay benchmark's stored grid (benchmarks/samplers/README.md): every config of the
+# space evaluated once by a grid study, then its table written beside the space. Minutes on 2 cores.
+SAMPLER_GRID := benchmarks/samplers/tiny-llama-agreement
+sampler-grid: setup
+	$(BIN)/kvpareto search --model tiny-llama --space $(SAMPLER_GRID).yaml --tasks agreement \
+		--context-length 512 --samples 12 --sampler grid --trials 1 --study sampler-grid \
+		--out $(RESULTS)
+	$(BIN)/python -c "import json, sys; from pathlib import Path; \
+		from kvpareto.search.replay import table_from_study as t; \
+		Path(sys.argv[3]).write_text(json.dumps(t(Path(sys.argv[1]), Path(sys.argv[2])), indent=1))" \
+		$(RESULTS)/tiny-llama/sampler-grid $(SAMPLER_GRID).yaml $(SAMPLER_GRID).json
 
 # style, then the layer contract of docs/architecture.md (pyproject's [tool.importlinter])
 lint: setup

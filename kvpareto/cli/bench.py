@@ -13,7 +13,8 @@ from kvpareto.cli.tables import mib
 from kvpareto.errors import UserError
 from kvpareto.hardware import cpu_flag_summary
 
-PARTS = ("kv", "weights", "prune", "reuse", "dtype")
+PARTS = ("kv", "weights", "prune", "reuse", "dtype", "samplers")
+MODEL_PARTS = set(PARTS) - {"samplers"}  # samplers replay stored tables: no model is loaded
 
 
 def bench_command(
@@ -26,9 +27,15 @@ def bench_command(
     storage_dtype: str = options.storage_dtype(),
     parts: str = typer.Option(
         "kv,weights,prune,reuse,dtype",
-        help="Which benchmarks: kv, weights, prune, reuse, dtype.",
+        help="Which benchmarks: kv, weights, prune, reuse, dtype, samplers.",
     ),
     prune_samples: int = typer.Option(10, min=1, help="NIAH prompts per prune rate."),
+    grids: str = typer.Option(
+        "benchmarks/samplers",
+        "--grids",
+        help="samplers: a grid table (.json) or a folder of them to replay the samplers against.",
+    ),
+    replay_seeds: int = typer.Option(20, min=1, help="samplers: replayed runs per sampler."),
     as_json: bool = options.as_json(),
 ) -> None:
     """Measure speed, memory and accuracy as ratios against baselines measured in the same run.
@@ -46,9 +53,13 @@ def bench_command(
         )
     if threads:
         torch.set_num_threads(threads)
-    loaded = options.load(model, compute, storage)
-    rows = _measure(loaded, model, chosen, lengths, steps, repeats, prune_samples, storage)
-    rows.update(compute.to_dict(), storage_dtype=storage)
+    rows: dict = {}
+    if chosen & MODEL_PARTS:
+        loaded = options.load(model, compute, storage)
+        rows = _measure(loaded, model, chosen, lengths, steps, repeats, prune_samples, storage)
+        rows.update(compute.to_dict(), storage_dtype=storage)
+    if "samplers" in chosen:
+        rows["samplers"] = _replay_samplers(grids, replay_seeds)
     rows["cpu_flags"] = cpu_flag_summary()
     from kvpareto.bench import targets
 
@@ -62,7 +73,50 @@ def bench_command(
         _print_prune(rows["prune"], min(lengths))
     if "decode" in rows:
         _print_kv_bench(rows, compute, storage)
-    _print_targets(rows)
+    if "samplers" in rows:
+        _print_samplers(rows["samplers"])
+    if rows["targets"]:
+        _print_targets(rows)
+
+
+def _replay_samplers(grids: str, seeds: int) -> list[dict]:
+    """Every sampler but `grid` replayed `seeds` times against each stored grid table."""
+    from pathlib import Path
+
+    from kvpareto.search.replay import load_table, sampler_table
+    from kvpareto.search.samplers import SAMPLERS
+
+    path = Path(grids)
+    paths = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not paths or not paths[0].is_file():
+        raise UserError(f"--grids {grids}: no grid table (.json) there")
+    samplers = [name for name in SAMPLERS.names() if name != "grid"]
+    rows = []
+    for table in map(load_table, paths):
+        err.print(f"replaying {', '.join(samplers)} x {seeds} seeds on {table.name}")
+        rows += sampler_table(table, samplers, seeds)
+    return rows
+
+
+def _print_samplers(rows: list[dict]) -> None:
+    table = Table(
+        title="samplers replayed on stored grids: hypervolume ÷ the grid's, median [IQR]",
+        caption="budget = distinct configs evaluated, as a share of the grid's configs",
+    )
+    fractions = sorted({r["fraction"] for r in rows})
+    for col in ("grid", "sampler", *(f"{f:.0%} of grid" for f in fractions)):
+        table.add_column(col)
+    for grid, sampler in dict.fromkeys((r["grid"], r["sampler"]) for r in rows):
+        cells = {r["fraction"]: r for r in rows if (r["grid"], r["sampler"]) == (grid, sampler)}
+        table.add_row(
+            grid,
+            sampler,
+            *(
+                f"{c['median']:.3f} [{c['q1']:.3f}, {c['q3']:.3f}] ({c['trials']})"
+                for c in (cells[f] for f in fractions)
+            ),
+        )
+    out.print(table)
 
 
 def _measure(loaded, model, chosen, lengths, steps, repeats, prune_samples, storage) -> dict:
