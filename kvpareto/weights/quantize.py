@@ -89,7 +89,9 @@ QUANTIZERS.add("awq4", AWQQuantizer(bits=4, symmetric=False, grouped=True, needs
 
 
 # One quantized model is kept per process: a search tries many KV settings on the same weights.
-_LAST: dict[str, object] = {}  # cache key -> LoadedModel
+# The key names the weights, not the float model they were copied from: that model's compute
+# dtype lives in the copy (a packed embedding returns rows in it), so the base must match too.
+_LAST: dict[str, tuple] = {}  # cache key -> (base model, LoadedModel)
 
 
 def quantized_model(
@@ -116,8 +118,9 @@ def quantized_model(
             raise ValueError(f"{method} is fitted on calibration data: pass calibration=")
         data = calibration(loaded.tokenizer)
     key = _cache_key(loaded.model_hash, method, group, backend, data, embed)
-    if key in _LAST:
-        return _LAST[key]
+    base, result = _LAST.get(key, (None, None))
+    if base is loaded.model:
+        return result
     folder = _cache_dir(key)
     if (folder / "weights.json").exists():
         model, info = _load(loaded.model, folder)
@@ -132,7 +135,7 @@ def quantized_model(
         from_cache = False
     result = replace(loaded, model=model, from_cache=from_cache, weights_info=info)
     _LAST.clear()
-    _LAST[key] = result
+    _LAST[key] = (loaded.model, result)
     return result
 
 
