@@ -26,6 +26,7 @@ KV_BITS = (2, 4, 8, 16)
 GRANULARITIES = ("per-token", "per-channel", "per-tensor", "per-block")
 _GRAN_SHORT = {"per-token": "tok", "per-channel": "ch", "per-tensor": "ten", "per-block": "blk"}
 _WEIGHTS_SHORT = {"none": "w16", "int8": "w8", "int4": "w4", "awq4": "awq4"}
+_EMBED_SHORT = {"none": "", "int8": "e8", "int4": "e4"}  # no piece at the default: labels stay
 # The sampler asks for a space's per-layer K/V pairs (search/space.py) at this point of `ask_at`,
 # and the label shows how many layers have their own bits (L3) at this point of `piece_at`.
 LAYER_PAIRS_ASKED_AT = 11
@@ -290,6 +291,13 @@ KNOBS: tuple[Knob, ...] = (
         piece=lambda d: f"kc{round(100 * d['k_clip'])}" if d["k_clip"] != 1 and _k_quantized(d)
         else "",
         piece_at=85,
+    ),
+    Knob(
+        "embed_weights", str, "none", "weights",
+        "Token embedding and LM head (tied: one table): none, int8 (a scale per row) or int4 "
+        "(a scale and zero per 32 values of a row).",
+        choices=("none", "int8", "int4"), ask_at=19, keyed_at_default=False,
+        piece=lambda d: _EMBED_SHORT[d["embed_weights"]], piece_at=15,
     ),
 )
 # fmt: on

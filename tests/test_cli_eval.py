@@ -95,9 +95,22 @@ def test_fp32_storage_holds_twice_the_weight_bytes():
     assert 1.99 < fp32["memory"]["weights_bytes"] / bf16["memory"]["weights_bytes"] < 2.0
 
 
+def test_eval_packs_the_token_table_with_embed_weights():
+    plain, int8 = _eval_in_process(), _eval_in_process("--embed-weights", "int8")
+    assert (
+        int8["label"] == "w16-e8-k4v2-tok-g32-r0-c64" and int8["config"]["embed_weights"] == "int8"
+    )
+    # tiny-llama's tied 320 x 128 table: 2 bytes a value in bf16, 1 plus a 2-byte scale per row.
+    saved = 320 * 128 * 2 - 320 * (128 + 2)
+    assert int8["memory"]["weights_bytes"] == plain["memory"]["weights_bytes"] - saved
+    assert int8["memory"]["weights_bytes"] == int8["memory"]["modeled"]["weights_bytes"]
+    assert "embedding" in int8["weights"]["kernels"]
+
+
 @pytest.mark.parametrize(
     "args",
     [
+        ["--embed-weights", "int2"],
         ["--k-bits", "3"],
         ["--v-bits", "x"],
         ["--k-granularity", "per-row"],

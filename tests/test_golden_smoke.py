@@ -4,7 +4,8 @@ keys, the order in which the search space asks the sampler, and every output fil
 `tests/data/golden_smoke/` was written by `make smoke`'s search (tiny-llama, smoke.yaml, seed 0)
 before the package was reshaped: its Optuna study (study.db), its trial cache, the outputs
 (trials.csv, frontier.json, study.json), the report's sha256, and the keys and labels of every
-config in the shipped spaces' grids.
+config in the shipped spaces' grids (with, for a grid that later gained a knob, those of its
+configs from before it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import optuna
 import pytest
 
 from kvpareto.config import Config
+from kvpareto.knobs import KNOB
 from kvpareto.search.outputs import write_outputs
 from kvpareto.search.space import load_space
 from kvpareto.search.study import SearchSettings, eval_key, run_search
@@ -49,12 +51,27 @@ def _settings(stored: dict, out: Path) -> SearchSettings:
     )
 
 
+def _digest(configs) -> tuple[int, str]:
+    rows = sorted((c.key(), c.label()) for c in configs)
+    return len(rows), hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
 def test_config_keys_and_labels_of_every_shipped_grid_are_unchanged():
+    """A grid that gains a knob gets a new digest; the stored digest of its configs from before
+    (`before_later_knobs`: every knob listed there at its default) must still match, so adding
+    a knob to a space changes no key or label of a config it already held. To regenerate after
+    such a change, store the new grid's count and digest (`_digest` of its `grid()`) under the
+    space's name, and list the knob under before_later_knobs."""
     golden = json.loads((GOLDEN / "config-keys.json").read_text())
+    before = golden["before_later_knobs"]
     for name in ("smoke", "adaptive", "kivi", "default", "paper"):
-        rows = sorted((c.key(), c.label()) for c in load_space(SPACES / f"{name}.yaml").grid())
-        digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-        assert (len(rows), digest) == (golden[name]["configs"], golden[name]["sha256"]), name
+        grid = load_space(SPACES / f"{name}.yaml").grid()
+        assert _digest(grid) == (golden[name]["configs"], golden[name]["sha256"]), name
+        if name in before:
+            old = [
+                c for c in grid if all(getattr(c, k) == KNOB[k].default for k in before["knobs"])
+            ]
+            assert _digest(old) == (before[name]["configs"], before[name]["sha256"]), name
     for example in golden["examples"]:
         config = Config.from_dict(example["config"])
         assert (config.key(), config.label()) == (example["key"], example["label"])

@@ -38,12 +38,27 @@ def test_chunked_prefill_shrinks_the_measured_activation_peak(smollm2):
     assert chunked < 0.5 * full
 
 
-def test_weights_bytes_count_tied_embeddings_once(smollm2):
-    model = smollm2.model
-    assert model.config.tie_word_embeddings
+@pytest.mark.parametrize(
+    "embed",
+    [
+        "none",
+        pytest.param("int8", marks=pytest.mark.slow),
+        pytest.param("int4", marks=pytest.mark.slow),
+    ],
+)
+def test_weights_bytes_count_tied_embeddings_once(smollm2, embed):
+    """SmolLM2's tied 49152 x 576 table, held once: in bf16, or packed (int8: a byte a value and
+    a bf16 scale per row; int4: half a byte a value and a 2-byte scale and zero per 32)."""
+    from kvpareto.weights.quantize import quantized_model
+
+    assert smollm2.model.config.tie_word_embeddings
+    model = quantized_model(smollm2, Config(embed_weights=embed)).model
     assert weights_bytes_measured(model) == weights_bytes_modeled(model)
-    buffers = sum(b.nbytes for b in model.buffers())  # the rotary inv_freq table
-    assert weights_bytes_measured(model) == 134_515_008 * 2 + buffers  # bf16 parameters
+    buffers = sum(b.nbytes for b in model.model.rotary_emb.buffers())  # the inv_freq tables
+    values = 49152 * 576
+    table = {"none": values * 2, "int8": values + 49152 * 2, "int4": values // 2 + values // 8}
+    bf16_rest = (134_515_008 - values) * 2
+    assert weights_bytes_measured(model) == bf16_rest + table[embed] + buffers
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -78,6 +93,21 @@ def test_packed_weight_temporaries_are_measured_and_modeled(smollm2, weights):
     modeled = modeled_activation_peak(model.config, cfg, 512, torch.bfloat16)
     assert measured > unquantized + (2**19 if weights == "int4" else 2**18)
     assert abs(modeled - measured) <= GRID_TOLERANCE * modeled, (measured, modeled)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [Config(embed_weights="int8"), Config(embed_weights="int4", k_bits=4, v_bits=4, chunk_size=32)],
+    ids=lambda c: c.label(),
+)
+@pytest.mark.parametrize("name", TINY)
+def test_packed_embedding_activation_peak_agrees_with_modeled(tiny_models, name, config):
+    from kvpareto.weights.quantize import quantized_model
+
+    model = quantized_model(tiny_models[name], config).model
+    measured, _ = measure_prefill(model, _ids(512, vocab=259), config)
+    modeled = modeled_activation_peak(model.config, config, 512, torch.bfloat16)
+    assert abs(measured - modeled) <= GRID_TOLERANCE * modeled, (measured, modeled)
 
 
 GRID = [

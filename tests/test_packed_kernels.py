@@ -198,3 +198,22 @@ def test_int4pack_round_trip_error_is_at_most_half_a_scale_plus_half_an_ulp_of_t
     scale, zero = layer.scale.t().float(), layer.zero.t().float()  # [N, K/g]
     bound = scale / 2 + zero.abs() * 2**-9 + 1e-6
     assert (err <= bound[..., None]).all()
+
+
+@pytest.mark.parametrize("name", ["lanes64", "lanes32", "pairs32"])
+def test_int4pack_rows_reads_any_row_of_every_layout_in_place(name):
+    """A lookup reads token rows from the layout the head's kernel multiplies with: every
+    layout's rows, in full blocks and in the partial one, match its whole unpacking."""
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (112, 32), generator=gen).to(torch.uint8)  # 1-3 full blocks
+    ids = torch.cat([torch.arange(112), torch.randint(0, 112, (40,), generator=gen)])
+    assert torch.equal(int4pack.rows(packed, name, ids), int4pack.unpack(packed, name)[ids])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantized_rows_are_rows_of_the_dequantized_weight_in_every_layout(shape):
+    tiles = PackedLinear.quantize(torch.randn(shape[:2]), None, 4, 16, symmetric=False)
+    ids = torch.tensor([0, shape[0] - 1, 3, 3, shape[0] // 2])
+    for layer in (_int4(shape), _int8(shape), tiles):
+        whole = layer.dequantized_weight(torch.float32)
+        assert torch.equal(layer.dequantized_rows(ids, torch.float32), whole[ids])

@@ -47,26 +47,48 @@ def test_group_size_rule_for_widths_the_group_does_not_divide():
     assert weight_group(64, 96) == 32
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "awq4"])
-def test_measured_weight_bytes_equal_modeled_on_every_tiny_arch(tiny_models, method):
+@pytest.mark.parametrize(
+    "method,embed",
+    [("int8", "none"), ("int4", "none"), ("awq4", "none"), ("none", "int8"), ("none", "int4")]
+    + [("int4", "int8"), ("awq4", "int4")],
+)
+def test_measured_weight_bytes_equal_modeled_on_every_tiny_arch(tiny_models, method, embed):
     for loaded in tiny_models.values():
-        q = quantized_model(loaded, Config(weights=method, weight_group_size=32), calibration)
+        config = Config(weights=method, weight_group_size=32, embed_weights=embed)
+        q = quantized_model(loaded, config, calibration)
         assert weights_bytes_measured(q.model) == weights_bytes_modeled(q.model)
         assert weights_bytes_measured(q.model) < weights_bytes_measured(loaded.model)
         x = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(1))
         assert torch.isfinite(q.model(x).logits).all()
 
 
-def test_quantized_weights_reload_from_disk_with_identical_outputs(tiny_models):
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Config(weights="awq4", weight_group_size=32),
+        Config(embed_weights="int4"),
+        Config(weights="int8", embed_weights="int8"),
+    ],
+    ids=lambda c: c.label(),
+)
+def test_quantized_weights_reload_from_disk_with_identical_outputs(tiny_models, cfg):
     loaded = tiny_models["tiny-llama"]
-    cfg = Config(weights="awq4", weight_group_size=32)
     first = quantized_model(loaded, cfg, calibration)
     weights_module._LAST.clear()  # forget the in-process copy: the next call reads the disk
     second = quantized_model(loaded, cfg, calibration)
     assert second.from_cache
     x = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(2))
     assert torch.equal(first.model(x).logits, second.model(x).logits)
-    assert second.weights_info["input_scales"].keys() == first.weights_info["input_scales"].keys()
+    assert weights_bytes_measured(second.model) == weights_bytes_measured(first.model)
+    assert second.weights_info.keys() == first.weights_info.keys()
+    for kind, scales in first.weights_info.items():
+        assert second.weights_info[kind].keys() == scales.keys()
+
+
+def test_the_weight_cache_key_names_embed_weights_only_where_set():
+    args = ("hash", "int4", 64, "", None)
+    assert weights_module._cache_key(*args) == weights_module._cache_key(*args, "none")
+    assert weights_module._cache_key(*args, "int8") != weights_module._cache_key(*args)
 
 
 def test_the_unquantized_model_is_left_untouched(tiny_models):

@@ -306,13 +306,14 @@ def _weights_facts(loaded: LoadedModel, config: Config, baseline: LoadedModel) -
     from kvpareto.weights.source_grid import measured_block, reproduces_source_grid
 
     method, group, backend = config.weight_method
-    groups = sorted({m.group for m in loaded.model.modules() if isinstance(m, PackedLinear)})
+    layers = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+    groups = sorted({m.group for m in layers if not m.embedding_table})
     return WeightsFacts(
         method=method,
         group_size=group or None,
         effective_group_sizes=tuple(groups) if method in ("int4", "awq4") else (),
         awq_backend=backend or None,
-        from_cache=loaded.from_cache if method != "none" else None,
+        from_cache=loaded.from_cache if loaded is not baseline else None,
         kernels=kernel_summary(loaded.model) or None,
         source_block_measured=measured_block(baseline.model),
         reproduces_source_grid=reproduces_source_grid(baseline.model, config),

@@ -19,6 +19,8 @@ compute element, the peak is the largest of these moments, each derived in its h
   codes on the dequantize path, its bf16 activations on a kernel path, as measured on this
   machine by `packed_linear.call_path`);
 - weights stored in another dtype than the compute dtype: the largest per-call weight cast;
+- a packed LM head on the last position (`_head_moment`): its logits and, where it
+  dequantizes, one block of rows (the packed lookup's rows stay below the stream's bytes);
 - and, once, the decode step after the prompt: each layer rebuilds its whole history in the
   compute dtype (through fp32 when smoothing or rotation must be undone).
 Unchunked prefill has no mask and no repeat, which is why chunking wins twice at long context.
@@ -67,7 +69,8 @@ def modeled_activation_peak(
         )
         if casts:
             peak = max(peak, _cast_moment(cfg, config, c, e))
-    return peak
+    last = prompt_len - (prompt_len - 1) // step * step  # the chunk whose end the head reads
+    return max(peak, _head_moment(cfg, config, last, dtype))
 
 
 class _Shape:
@@ -174,12 +177,37 @@ def _cast_moment(cfg, config: Config, c: int, e: int) -> int:
     h, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     head_block = cast_elements(vocab, h)
     head = (head_block + c * h + vocab + head_block // h) * e
+    if config.embed_weights != "none":  # a packed head never casts its table (`_head_moment`)
+        head = 0
     if config.weights != "none":  # packed decoder linears never cast their weights
         return head
     heads = cfg.num_attention_heads
     q = heads * (getattr(cfg, "head_dim", None) or h // heads)
     widest = max(cast_elements(o, i) for o, i in ((inter, h), (h, inter), (q, h), (h, q)))
     return max(head, widest * e + c * (2 * inter + 3 * h) * e)
+
+
+def _head_moment(cfg, config: Config, c: int, dtype: torch.dtype) -> int:
+    """Bytes live while a packed LM head (`weights.embedding`) turns the last position of a
+    chunk of c tokens into logits: the chunk's hidden states and their norm, the logits, and
+    on a kernel path the bf16 row and logits; on the dequantize path one block of dequantized
+    rows and their codes (one byte each for int8; int4 rows pass through three byte planes:
+    the gathered bytes, the shifted ones and the masked nibbles)."""
+    from kvpareto.weights.embedding import BITS, head_block_rows, table_group
+    from kvpareto.weights.packed_linear import call_path
+
+    if config.embed_weights == "none":
+        return 0
+    h, vocab, e = cfg.hidden_size, cfg.vocab_size, torch.finfo(dtype).bits // 8
+    bits = BITS[config.embed_weights]
+    path = call_path(bits, (vocab, h), table_group(config.embed_weights, h), dtype, 1)
+    held = 2 * c * h * e + vocab * e
+    if path == "packed-bf16":
+        return held + (h + vocab) * 2
+    if path == "packed":
+        return held
+    codes = 1 if bits == 8 else 3
+    return held + head_block_rows(vocab, h) * h * (e + codes)
 
 
 def _weight_moment(cfg, config: Config, c: int, dtype: torch.dtype) -> int:

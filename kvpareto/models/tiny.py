@@ -44,16 +44,17 @@ _COMMON = dict(
 )
 
 
-def _config(arch: str):
+def _config(arch: str, tied: bool):
+    common = {**_COMMON, "tie_word_embeddings": tied}
     if arch == "llama":
-        return LlamaConfig(**_COMMON)
+        return LlamaConfig(**common)
     if arch == "qwen2":
-        return Qwen2Config(**_COMMON)
+        return Qwen2Config(**common)
     if arch == "mistral":
-        return MistralConfig(**_COMMON, sliding_window=None)
+        return MistralConfig(**common, sliding_window=None)
     if arch == "gemma3":
         return Gemma3TextConfig(
-            **_COMMON,
+            **common,
             sliding_window=32,
             layer_types=["sliding_attention"] * 3 + ["full_attention"],
         )
@@ -72,9 +73,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny(arch: str, dtype: torch.dtype = torch.float32):
-    """Return (model, tokenizer, identity hash) for a tiny random model of `arch`."""
-    config = _config(arch)
+def build_tiny(arch: str, dtype: torch.dtype = torch.float32, tied: bool = True):
+    """Return (model, tokenizer, identity hash) for a tiny random model of `arch`; with
+    `tied=False` its LM head is a matrix of its own, as in models that do not tie it."""
+    config = _config(arch, tied)
     config._attn_implementation = "sdpa"
     # Seed a private generator so building a model never disturbs the caller's RNG state.
     with torch.random.fork_rng(devices=[]):

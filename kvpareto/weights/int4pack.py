@@ -51,6 +51,34 @@ def unpack(packed: torch.Tensor, name: str, dtype: torch.dtype = torch.uint8) ->
     return out
 
 
+def rows(packed: torch.Tensor, name: str, ids: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [len(ids), K] of the rows `ids` of `packed` in the layout called `name`,
+    read in place: row r of a block is one byte column of its [K, S] bytes, in one nibble plane.
+    What an embedding lookup reads from the table its tied head multiplies with."""
+    block, lanes = _CANDIDATES[name]
+    n, k = packed.shape[0], packed.shape[1] * 2
+    full = n - n % block
+    flat = packed.reshape(-1)
+    out = torch.empty(len(ids), k, dtype=torch.uint8)
+    in_full = ids < full
+    if in_full.any():
+        r = ids[in_full] % block
+        half = block // 2
+        column, high = (r % half, r // half) if lanes else (r // 2, r % 2)
+        blocks = flat[: full * k // 2].view(full // block, k, half)
+        out[in_full] = _nibbles(blocks[ids[in_full] // block, :, column], high)
+    if not in_full.all():
+        r = ids[~in_full] - full
+        tail = flat[full * k // 2 :].view(k, (n - full) // 2)
+        out[~in_full] = _nibbles(tail[:, r // 2].t(), r % 2)
+    return out
+
+
+def _nibbles(bytes_: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Each row of `bytes_` [R, K] to its low (high = 0) or high (high = 1) nibbles."""
+    return (bytes_ >> (4 * high).to(torch.uint8)[:, None]) & 15
+
+
 def _put(blocks: torch.Tensor, out: torch.Tensor, lanes: bool) -> None:
     """Bytes [B, K, S] of B blocks of 2 S rows -> their codes in `out` [2 B S, K]."""
     b, k, s = blocks.shape

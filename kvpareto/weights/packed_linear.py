@@ -73,6 +73,9 @@ class PackedLinear(torch.nn.Module):
     """
 
     BUFFERS: tuple[str, ...] = ()
+    # True for the token table of a packed embedding and LM head (`embedding.py`): summaries of
+    # the decoder's layers leave it out.
+    embedding_table = False
 
     def __init__(self, bits: int, group: int, shape, bias, dtype, buffers: dict):
         super().__init__()
@@ -124,6 +127,10 @@ class PackedLinear(torch.nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantized_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the weight [len(ids), in] in `dtype`, only those rows decoded."""
+        raise NotImplementedError
+
     def modeled_nbytes(self) -> int:
         raise NotImplementedError
 
@@ -151,6 +158,11 @@ class TilesLinear(PackedLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         q = Quantized(self.codes, self.scale, self.zero)
         return dequantize(q, self.bits, TileShape(1, self.group), dtype or self.compute_dtype)
+
+    def dequantized_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        zero = None if self.zero is None else self.zero[ids]
+        q = Quantized(self.codes[ids], self.scale[ids], zero)
+        return dequantize(q, self.bits, TileShape(1, self.group), dtype)
 
     def modeled_nbytes(self) -> int:
         """Codes at bits/8 bytes a weight, one fp16 scale (and zero) per group, the bias."""
@@ -199,13 +211,23 @@ class Int4PackLinear(PackedLinear):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.compute_dtype
-        n, k, g = self.out_features, self.in_features, self.group
-        w = int4pack.unpack(self.codes, int4pack.layout(), dtype).view(n, k // g, g)
-        scale = self.scale.t()[..., None]
+        codes = int4pack.unpack(self.codes, int4pack.layout(), dtype)
+        return self._scaled(codes, self.scales_and_zeros, dtype)
+
+    def dequantized_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        codes = int4pack.rows(self.codes, int4pack.layout(), ids).to(dtype)
+        return self._scaled(codes, self.scales_and_zeros[:, ids], dtype)
+
+    def _scaled(self, codes: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Codes [R, K] in `dtype` (overwritten) to weights, with their rows' scales_and_zeros
+        [K/g, R, 2]."""
+        rows, k, g = codes.shape[0], self.in_features, self.group
+        w = codes.view(rows, k // g, g)
+        scale = sz[..., 0].t()[..., None]
         # (q - 8) s + z as q s + (z - 8 s): one pass fewer over the weight; the small offset is
         # formed in fp32 and rounded once.
-        offset = (self.zero.t()[..., None].float() - 8 * scale.float()).to(dtype)
-        return w.mul_(scale.to(dtype)).add_(offset).view(n, k)
+        offset = (sz[..., 1].t()[..., None].float() - 8 * scale.float()).to(dtype)
+        return w.mul_(scale.to(dtype)).add_(offset).view(rows, k)
 
     def modeled_nbytes(self) -> int:
         """uint8 [N, K/2] codes (N K / 2 bytes), bf16 [K/g, N, 2] (4 N K / g bytes), the bias."""
@@ -237,6 +259,9 @@ class Int8PackLinear(PackedLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.compute_dtype
         return self.codes.to(dtype).mul_(self.scale.to(dtype))
+
+    def dequantized_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.codes[ids].to(dtype).mul_(self.scale[ids].to(dtype))
 
     def modeled_nbytes(self) -> int:
         """int8 [N, K] codes (N K bytes), one bf16 scale per row (2 N bytes), the bias."""
@@ -305,11 +330,19 @@ def kernel_choice(bits: int, dtype: torch.dtype, phase: str) -> dict:
 
 
 def kernel_summary(model: torch.nn.Module) -> dict:
-    """The paths a model's packed linears take in its compute dtype, per phase, and how many
-    layers no kernel accepts (those always dequantize); empty for a model without any."""
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    if not layers:
-        return {}
+    """The paths a model's packed decoder linears take in its compute dtype, per phase, and how
+    many layers no kernel accepts (those always dequantize), with the same for its packed token
+    tables under "embedding"; empty for a model without any."""
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    layers = [m for m in packed if not m.embedding_table]
+    tables = [m for m in packed if m.embedding_table]
+    summary = _paths(layers) if layers else {}
+    if tables:  # only where embed_weights is set, so records without it keep their shape
+        summary["embedding"] = _paths(tables)
+    return summary
+
+
+def _paths(layers: list[PackedLinear]) -> dict:
     bits, dtype = layers[0].bits, layers[0].compute_dtype
     summary = {phase: kernel_choice(bits, dtype, phase)["path"] for phase in _PROBE_ROWS}
     return {**summary, "dequantize_only_layers": sum(not m.kernel_ok for m in layers)}

@@ -8,15 +8,16 @@ linear layers by `PackedLinear`s:
            fp16 in the tile codec, for the few shapes torch's int4 kernel refuses)
     awq4   AWQ scales searched on calibration activations (`awq.py`), then int4 as above
 
-Only the linears inside decoder layers are quantized. Embeddings and the LM head stay in the
-compute dtype: in SmolLM2 and Gemma3 the head is tied to the embedding, and quantizing it would
-either untie it (more bytes, not fewer) or quantize a lookup table, which this project does not
-study. Group sizes that do not divide a layer's width follow `packed_linear.weight_group`.
+These methods quantize the linears inside decoder layers. The token embedding and the LM head
+(one table where tied, as in SmolLM2 and Gemma3) are a knob of their own, `embed_weights`,
+packed by rows in `embedding.py`; at its default they stay in the storage dtype. Group sizes
+that do not divide a layer's width follow `packed_linear.weight_group`.
 
 A method that calibrates (AWQ) is given its data by the caller, as a `Calibration`: token ids and
 a name of their source. Both are hashed into the cache key with the model hash, method, group
 size and backend, so a second use reloads the packed tensors from disk in about a second instead
-of repeating the AWQ search.
+of repeating the AWQ search. The embedding setting enters the key only where it is set, so the
+entries written before it existed stay valid; its tables are stored beside the decoder's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from kvpareto.config import Config
 from kvpareto.knobs import KNOB
 from kvpareto.registry import Registry
-from kvpareto.weights import int4pack
+from kvpareto.weights import embedding, int4pack
 from kvpareto.weights.packed_linear import LAYOUTS, PackedLinear, weight_group
 
 CACHE_FORMAT = 3  # 3: kernel layouts (int4pack, int8 codes, bf16 scales)
@@ -88,7 +89,9 @@ QUANTIZERS.add("awq4", AWQQuantizer(bits=4, symmetric=False, grouped=True, needs
 
 
 # One quantized model is kept per process: a search tries many KV settings on the same weights.
-_LAST: dict[str, object] = {}  # cache key -> LoadedModel
+# The key names the weights, not the float model they were copied from: that model's compute
+# dtype lives in the copy (a packed embedding returns rows in it), so the base must match too.
+_LAST: dict[str, tuple] = {}  # cache key -> (base model, LoadedModel)
 
 
 def quantized_model(
@@ -97,24 +100,27 @@ def quantized_model(
     calibration: Callable[[object], Calibration] | None = None,
     progress: Progress | None = None,
 ):
-    """`loaded` with its weights quantized as `config` says (the same object for `none`).
+    """`loaded` with its weights quantized as `config` says (the same object when neither the
+    decoder's weights nor the embeddings are).
 
     `calibration(tokenizer)` gives the data of a method that calibrates (awq4); it is called
     for such a method only, and such a method needs it."""
     method, group, backend = config.weight_method
-    if method == "none":
+    embed = config.embed_weights
+    if method == "none" and embed == "none":
         return loaded
     if backend:
         KNOB["awq_backend"].check_runs_here(backend)
-    quantizer = QUANTIZERS.get(method)
+    quantizer = QUANTIZERS.get(method) if method != "none" else None
     data = None
-    if quantizer.needs_calibration:
+    if quantizer and quantizer.needs_calibration:
         if calibration is None:
             raise ValueError(f"{method} is fitted on calibration data: pass calibration=")
         data = calibration(loaded.tokenizer)
-    key = _cache_key(loaded.model_hash, method, group, backend, data)
-    if key in _LAST:
-        return _LAST[key]
+    key = _cache_key(loaded.model_hash, method, group, backend, data, embed)
+    base, result = _LAST.get(key, (None, None))
+    if base is loaded.model:
+        return result
     folder = _cache_dir(key)
     if (folder / "weights.json").exists():
         model, info = _load(loaded.model, folder)
@@ -122,12 +128,14 @@ def quantized_model(
     else:
         model = copy.deepcopy(loaded.model)
         ids = data.ids if data else None
-        info = quantizer.quantize(model, group, ids, progress or _bar(method))
+        info = quantizer.quantize(model, group, ids, progress or _bar(method)) if quantizer else {}
+        if embed != "none":
+            embedding.quantize_embeddings(model, embed)
         _save(model, info, folder)
         from_cache = False
     result = replace(loaded, model=model, from_cache=from_cache, weights_info=info)
     _LAST.clear()
-    _LAST[key] = result
+    _LAST[key] = (loaded.model, result)
     return result
 
 
@@ -176,12 +184,17 @@ def _decoder_linears(model):
     return found
 
 
-def _cache_key(model_hash, method, group, backend, calibration: Calibration | None) -> str:
+def _cache_key(
+    model_hash, method, group, backend, calibration: Calibration | None, embed: str = "none"
+) -> str:
     calib = None
     if calibration is not None:
         calib = [calibration.source, hashlib.sha256(calibration.ids.numpy()).hexdigest()]
     # int4pack's byte order follows the CPU's ISA: a cache from another ISA must not be read.
-    blob = json.dumps([CACHE_FORMAT, int4pack.layout(), model_hash, method, group, backend, calib])
+    identity = [CACHE_FORMAT, int4pack.layout(), model_hash, method, group, backend, calib]
+    if embed != "none":  # only where set: entries written before the knob keep their keys
+        identity.append({"embed_weights": embed, "group": embedding.EMBED_GROUP})
+    blob = json.dumps(identity)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -192,33 +205,55 @@ def _cache_dir(key: str) -> Path:
 
 
 def _save(model, info: dict, folder: Path) -> None:
-    """Write every decoder tensor (packed buffers, folded norms) to a temp dir, then rename."""
+    """Write the decoder's tensors (packed buffers, folded norms) where its linears were
+    quantized, and the packed token tables where they were, to a temp dir, then rename."""
     from safetensors.torch import save_file
 
     from kvpareto.weights.awq import decoder_layers
 
     layers = decoder_layers(model)
-    tensors = {k: v.contiguous() for k, v in layers.state_dict().items()}
+    linears = {name: _spec(m) for name, m in layers.named_modules() if isinstance(m, PackedLinear)}
+    # An embeddings-only entry holds no copy of the float decoder.
+    tensors = {k: v.contiguous() for k, v in layers.state_dict().items()} if linears else {}
     for kind, scales in info.items():  # AWQ's scales: {"input_scales": {linear: s}, ...}
         tensors.update({f"{kind}:{name}": s.clone() for name, s in scales.items()})
-    linears = {
-        name: {
-            "layout": type(m).__name__,
-            "bits": m.bits,
-            "group": m.group,
-            "shape": [m.out_features, m.in_features],
-        }
-        for name, m in layers.named_modules()
-        if isinstance(m, PackedLinear)
-    }
+    meta = {"format": CACHE_FORMAT, "linears": linears}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    found = embedding.tables(model)
+    if found:
+        table, head = found
+        named = {"embedding": table} if head is table else {"embedding": table, "head": head}
+        meta["embedding"] = {name: _spec(t) for name, t in named.items()}
+        held = {f"{n}.{k}": v.contiguous() for n, t in named.items() for k, v in _tensors(t)}
+        save_file(held, str(tmp / "embedding.safetensors"))
     save_file(tensors, str(tmp / "weights.safetensors"))
-    (tmp / "weights.json").write_text(json.dumps({"format": CACHE_FORMAT, "linears": linears}))
+    (tmp / "weights.json").write_text(json.dumps(meta))
     try:
         os.rename(tmp, folder)
     except OSError:  # another process finished first; its copy is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spec(m: PackedLinear) -> dict:
+    return {
+        "layout": type(m).__name__,
+        "bits": m.bits,
+        "group": m.group,
+        "shape": [m.out_features, m.in_features],
+    }
+
+
+def _tensors(m: PackedLinear):
+    return [(k, v) for k, v in m.state_dict().items() if v is not None]
+
+
+def _build(spec: dict, tensors: dict, name: str, dtype: torch.dtype) -> PackedLinear:
+    """The packed layer `spec` describes, holding `tensors` named `name.buffer`."""
+    layout = LAYOUTS[spec["layout"]]
+    buffers = {b: tensors.get(f"{name}.{b}") for b in layout.BUFFERS}
+    bias = tensors.get(f"{name}.bias")
+    return layout(spec["bits"], spec["group"], spec["shape"], bias, dtype, buffers)
 
 
 def _load(base, folder: Path):
@@ -233,18 +268,18 @@ def _load(base, folder: Path):
     dtype = next(model.parameters()).dtype
     for name, spec in meta["linears"].items():
         parent_name, _, attr = name.rpartition(".")
-        parent = layers.get_submodule(parent_name)
-        layout = LAYOUTS[spec["layout"]]
-        buffers = {b: tensors.get(f"{name}.{b}") for b in layout.BUFFERS}
-        bias = tensors.get(f"{name}.bias")
-        layer = layout(spec["bits"], spec["group"], spec["shape"], bias, dtype, buffers)
-        setattr(parent, attr, layer)
+        setattr(layers.get_submodule(parent_name), attr, _build(spec, tensors, name, dtype))
     info: dict[str, dict] = {}
     for key, value in tensors.items():
         if ":" in key:
             kind, name = key.split(":", 1)
             info.setdefault(kind, {})[name] = value
-    layers.load_state_dict({k: v for k, v in tensors.items() if ":" not in k}, strict=True)
+    if meta["linears"]:
+        layers.load_state_dict({k: v for k, v in tensors.items() if ":" not in k}, strict=True)
+    if "embedding" in meta:
+        held = load_file(str(folder / "embedding.safetensors"))
+        built = {n: _build(spec, held, n, dtype) for n, spec in meta["embedding"].items()}
+        embedding.install(model, built["embedding"], built.get("head", built["embedding"]))
     return model, info
 
 
