@@ -44,7 +44,8 @@ _COMMON = dict(
 )
 
 
-def _config(arch: str):
+def tiny_config(arch: str):
+    """The transformers config of the tiny model of `arch`."""
     if arch == "llama":
         return LlamaConfig(**_COMMON)
     if arch == "qwen2":
@@ -74,7 +75,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny(arch: str, dtype: torch.dtype = torch.float32):
     """Return (model, tokenizer, identity hash) for a tiny random model of `arch`."""
-    config = _config(arch)
+    config = tiny_config(arch)
     config._attn_implementation = "sdpa"
     # Seed a private generator so building a model never disturbs the caller's RNG state.
     with torch.random.fork_rng(devices=[]):
