@@ -52,7 +52,7 @@ def pick_point(frontier: dict, point: str) -> dict:
         knee = next((e for e in entries if e["knee"]), None)
         if knee is None:
             raise UserError(
-                f"this frontier has no knee (its points lie on a straight line); "
+                "this frontier has no knee (under three points, or all on one line); "
                 f"pick one with --point LABEL: {labels}"
             )
         return knee
@@ -80,13 +80,16 @@ def _llama_cpp(config: Config, entry: dict, study: StudyFolder) -> str:
     differs = _llama_kv_differences(config, k_bits, v_bits) + _common(config)
     differs += _llama_weight_differences(config)
     bits = (_GGML_BITS[k_type] + _GGML_BITS[v_type]) / 2
+    row = next(r for r in study.rows if r["config_key"] == entry["config_key"])
+    measured = row.get("effective_kv_bits")
     return _render(
         entry,
         study,
         [command, f"# weights: {_llama_weights(config, storage)}"],
         differs,
-        f"these llama.cpp types hold {bits:.2f} bits per K/V value, all -c tokens allocated "
-        "at start",
+        f"these llama.cpp types hold {bits:.2f} bits per K/V value"
+        + (f" (the measured scheme {measured:.2f})" if measured else "")
+        + ", and llama.cpp allocates all -c tokens at start",
     )
 
 
@@ -207,7 +210,7 @@ def _transformers(config: Config, entry: dict, study: StudyFolder) -> str:
         study,
         lines,
         differs,
-        "QuantizedCache re-quantizes on every flush and holds its own layout",
+        "QuantizedCache holds its own layout and re-quantizes at every flush",
     )
 
 
@@ -318,6 +321,6 @@ def _render(
     tail += [f"{comment}  - {line}" for line in differs] or [f"{comment}  (nothing)"]
     tail.append(
         f"{comment} memory: the figure above was measured for kvpareto's scheme of this point, "
-        f"not this one ({runtime_memory}); here it is an approximation"
+        f"not for this one, so here it is only an approximation: {runtime_memory}"
     )
     return "\n".join(head + body + tail) + "\n"

@@ -146,15 +146,19 @@ def _print(model: str, projection, checked: list[dict]) -> None:
 
 
 def _print_checked(projection, checked: list[dict]) -> None:
-    table = Table(title=f"verified at {projection.length} tokens (measured, batch 1)")
-    for col in ("config", "projected MB", "measured MB", "acc", "95% CI"):
+    searched, length = projection.searched_length, projection.length
+    table = Table(title=f"verified: measured at {length} tokens, batch 1")
+    columns = ("config", "projected MB", "measured MB", f"acc at {searched}", f"acc at {length}")
+    for col in columns + ("95% CI",):
         table.add_column(col, no_wrap=True)
+    accuracy = {e["label"]: e["accuracy"] for e in projection.summary["frontier"]}
     for c in checked:
         lo, hi = c["accuracy_ci"]
         table.add_row(
             c["label"],
-            f"{c['projected_total_bytes'] / 1e6:.1f}",
-            f"{c['measured']['total_bytes'] / 1e6:.1f}",
+            f"{c['projected_total_bytes'] / 1e6:.2f}",
+            f"{c['measured']['total_bytes'] / 1e6:.2f}",
+            f"{accuracy[c['label']]:.3f}",
             f"{c['accuracy']:.3f}",
             f"[{lo:.2f}, {hi:.2f}]",
         )
