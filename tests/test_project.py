@@ -120,3 +120,18 @@ def test_verify_runs_the_most_accurate_points_at_the_new_length(tmp_path):
         assert checked["modeled"]["total_bytes"] == projected["total_bytes"]
         assert checked["measured"]["kv_bytes"] == projected["memory"]["kv_bytes"]
         assert 0 <= checked["accuracy"] <= 1
+
+
+CASES = [
+    ("no study", ["{tmp}", "--context-length", "512"], "no finished study"),
+    ("past the model", [str(GOLDEN), "--context-length", "8192"], "does not fit tiny-llama"),
+    ("nothing fits", [str(GOLDEN), "--context-length", "512", "--budget-mb", "1"], "nothing fits"),
+]
+
+
+@pytest.mark.parametrize("name,args,word", CASES, ids=[c[0] for c in CASES])
+def test_bad_project_input_is_one_line_and_exit_2(tmp_path, name, args, word):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    done = subprocess.run([*CLI, "project", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert len(done.stderr.strip().splitlines()) == 1 and word in done.stderr, done.stderr
