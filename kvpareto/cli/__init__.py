@@ -14,7 +14,17 @@ import sys
 
 import typer
 
-from kvpareto.cli import bench, build_kernels, controller, evaluate, lm_eval, models, search
+from kvpareto.cli import (
+    bench,
+    build_kernels,
+    controller,
+    evaluate,
+    export,
+    lm_eval,
+    models,
+    project,
+    search,
+)
 from kvpareto.cli.console import err
 from kvpareto.errors import UserError
 
@@ -40,6 +50,8 @@ app.command(
 app.command("build-kernels")(build_kernels.build_kernels_command)
 app.command("frontier")(search.frontier_command)
 app.command("report")(search.report_command)
+app.command("export")(export.export_command)
+app.command("project")(project.project_command)
 
 models_app = typer.Typer(help="List, inspect and install models.", invoke_without_command=True)
 models_app.callback()(models.models_list)

@@ -12,7 +12,6 @@ from rich.table import Table
 from kvpareto.cli import options
 from kvpareto.cli.console import err, out
 from kvpareto.cli.tables import mib
-from kvpareto.errors import UserError
 
 if TYPE_CHECKING:
     from kvpareto.evaluation.result import TrialResult
@@ -42,7 +41,7 @@ def eval_command(
     from kvpareto.config import Config
 
     # Everything the command line says is checked before the model loads.
-    config = Config.from_dict({**_load_config_file(config_file), **options.given(knobs)})
+    config = Config.from_dict({**options.config_file(config_file), **options.given(knobs)})
     lengths = options.csv_ints(context_lengths, "--context-lengths")
     compute, storage = options.dtypes(dtype, storage_dtype)
     task_names = options.task_names(tasks)
@@ -87,26 +86,6 @@ def _run(loaded, config, task_names, lengths, samples, seed, perplexity) -> dict
             progress=lambda done, total: bar.update(job, completed=done, total=total),
             perplexity=perplexity,
         )
-
-
-def _load_config_file(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    import yaml
-
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path} is not valid YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of config keys, e.g. k_bits: 4")
-    return data.get("config", data)
 
 
 def _print_result(r: TrialResult) -> None:

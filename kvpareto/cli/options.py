@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 
 import typer
 
@@ -113,6 +114,28 @@ def load(name: str, compute, storage: str):
         return load_model(
             name, dtype=getattr(torch, compute.name), storage_dtype=getattr(torch, storage)
         )
+
+
+def config_file(path: Path | None) -> dict:
+    """The config keys of a YAML or JSON file (`eval --config`, `search --baseline`); a
+    `config:` section is read where there is one."""
+    if path is None:
+        return {}
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config keys, e.g. k_bits: 4")
+    return data.get("config", data)
 
 
 # --- the knob options ----------------------------------------------------------------------------

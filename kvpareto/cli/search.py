@@ -18,6 +18,9 @@ from kvpareto.hardware import COMPUTE_DTYPES, STORAGE_DTYPES, dtype_choice
 def search_command(
     model: list[str] = options.models(),
     space: Path = typer.Option(Path("search_spaces/default.yaml"), help="Search-space YAML."),
+    baseline: list[Path] = typer.Option(
+        [], help="A config file to evaluate first, beside the space's baselines; repeatable."
+    ),
     tasks: str = options.tasks(),
     context_length: int = typer.Option(2048, help="Context length at which memory is compared."),
     perplexity: bool = options.perplexity(
@@ -73,6 +76,7 @@ def search_command(
             storage_dtype=dtype_choice(storage_dtype, "--storage-dtype", STORAGE_DTYPES),
             threads=threads,
             perplexity=perplexity,
+            baselines=[options.config_file(path) for path in baseline],
         )
         for m in model
     ]

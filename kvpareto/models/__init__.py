@@ -4,6 +4,7 @@ from kvpareto.models.catalog import CATALOG, DEFAULT_MODEL, ModelSpec, known_nam
 from kvpareto.models.loader import (
     LoadedModel,
     is_installed,
+    load_config,
     load_model,
     pull,
     resolve_ref,
@@ -16,6 +17,7 @@ __all__ = [
     "LoadedModel",
     "ModelSpec",
     "is_installed",
+    "load_config",
     "known_names",
     "load_model",
     "pull",

@@ -23,7 +23,7 @@ from kvpareto.models import precision, sources
 from kvpareto.models.catalog import CATALOG, ModelSpec, known_names
 from kvpareto.models.precision import FLOAT, UNKNOWN, SourcePrecision
 from kvpareto.models.storage_dtype import compute_in
-from kvpareto.models.tiny import build_tiny
+from kvpareto.models.tiny import build_tiny, tiny_config
 from kvpareto.paths import cache_root
 
 _MARKER = "kvpareto-converted.json"
@@ -115,6 +115,30 @@ def load_model(
     compute_in(loaded.model, dtype)
     fused_decode.install(loaded.model)
     return loaded
+
+
+def load_config(ref: str) -> tuple[object, int]:
+    """`ref`'s transformers config and the longest context it takes, read without its weights
+    (what the memory model needs). A catalog or GGUF model must have been converted here."""
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    kind, value = resolve_ref(ref)
+    if kind == "catalog" and value.tiny:
+        return tiny_config(value.arch), value.max_context
+    folder = str(value)
+    if kind in ("catalog", "gguf"):
+        sha = value.gguf.sha256 if kind == "catalog" else sources.sha256_file(value)
+        if not converted_dir(sha).joinpath(_MARKER).exists():
+            how = f"kvpareto models pull {ref}" if kind == "catalog" else "kvpareto eval once"
+            raise UserError(f"{ref} is not installed here; run {how} first")
+        folder = str(converted_dir(sha))
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"could not read the config of model {ref!r}: {_summary(e)}") from None
+    longest = getattr(config.get_text_config(), "max_position_embeddings", 0) or 0
+    return config, value.max_context if kind == "catalog" else longest
 
 
 def _load(ref: str, dtype: torch.dtype) -> LoadedModel:

@@ -44,7 +44,9 @@ _COMMON = dict(
 )
 
 
-def _config(arch: str, tied: bool):
+def tiny_config(arch: str, tied: bool = True):
+    """The transformers config of the tiny model of `arch` (`tied`: the LM head is the
+    embedding)."""
     common = {**_COMMON, "tie_word_embeddings": tied}
     if arch == "llama":
         return LlamaConfig(**common)
@@ -76,7 +78,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def build_tiny(arch: str, dtype: torch.dtype = torch.float32, tied: bool = True):
     """Return (model, tokenizer, identity hash) for a tiny random model of `arch`; with
     `tied=False` its LM head is a matrix of its own, as in models that do not tie it."""
-    config = _config(arch, tied)
+    config = tiny_config(arch, tied)
     config._attn_implementation = "sdpa"
     # Seed a private generator so building a model never disturbs the caller's RNG state.
     with torch.random.fork_rng(devices=[]):

@@ -8,14 +8,19 @@
 - `study.json` (gathered by `study.study_facts`): the command, versions, seed, space hash,
   hardware, the model's source precision, and the compute dtype (as asked, as resolved on this
   machine, and why) beside the storage dtype.
+
+`read_study` reads a finished folder back (for `export` and `project`), torch-free.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from kvpareto.errors import UserError
 from kvpareto.search.frontier import Point, hypervolume, indistinguishable, knee, pareto_front
 
 # A FAIL trial with no recorded error: its worker died mid-trial (`study.Search.prepare`).
@@ -109,7 +114,7 @@ def frontier_summary(rows: list[dict]) -> dict:
             {
                 "trial": r["trial"],
                 "label": r["label"],
-                "config": {k[4:]: _plain(v) for k, v in r.items() if k.startswith("cfg_")},
+                "config": row_config(r),
                 "config_key": p.key,
                 "total_bytes": r["total_bytes"],
                 "memory": {
@@ -161,6 +166,11 @@ def frontier_summary(rows: list[dict]) -> dict:
     }
 
 
+def row_config(row: dict) -> dict:
+    """A trial row's config values (its `cfg_` columns) as plain data, for `Config.from_dict`."""
+    return {k[4:]: _plain(v) for k, v in row.items() if k.startswith("cfg_")}
+
+
 def _plain(value):
     if isinstance(value, str) and value.startswith("{"):
         try:
@@ -191,3 +201,51 @@ def write_outputs(study, folder: Path, facts: dict) -> dict:
     _atomic_write(folder / "frontier.json", json.dumps(summary, indent=2))
     _atomic_write(folder / "study.json", json.dumps(facts, indent=2))
     return summary
+
+
+# What `read_study` needs of a study folder; `search` writes them all.
+STUDY_FILES = ("frontier.json", "trials.csv", "study.json")
+
+
+@dataclass(frozen=True)
+class StudyFolder:
+    """A finished study read back: its frontier summary, its facts and one row per trial (the
+    rows `trial_rows` wrote, missing values as None)."""
+
+    path: Path
+    frontier: dict
+    facts: dict
+    rows: list[dict]
+
+    @property
+    def model(self) -> str:
+        return self.facts.get("model", self.path.parent.name)
+
+    @property
+    def context_length(self) -> int:
+        """The length the study measured memory at (`--context-length` of its search)."""
+        return self.facts["context_length"]
+
+
+def read_study(folder: Path) -> StudyFolder:
+    """The study in `folder` (results/<model>/<study>), or a one-line error naming what is
+    missing."""
+    import pandas as pd
+
+    missing = [name for name in STUDY_FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(
+            f"{folder} holds no finished study (no {', '.join(missing)}); run kvpareto search first"
+        )
+    try:
+        frontier = json.loads((folder / "frontier.json").read_text())
+        facts = json.loads((folder / "study.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{folder}: a results file is not valid JSON ({e})") from None
+    records = pd.read_csv(folder / "trials.csv").to_dict("records")
+    rows = [{k: None if _missing(v) else v for k, v in r.items()} for r in records]
+    return StudyFolder(folder, frontier, facts, rows)
+
+
+def _missing(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)

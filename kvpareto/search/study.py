@@ -5,7 +5,8 @@ MB at the declared context length (minimize) and mean accuracy (maximize), optio
 latency. The memory budget is a constraint, set with `trial.set_constraint` (feasible when <= 0).
 
 Reliability rules:
-- Baselines are enqueued first: the 16-bit cache, then the space's own `baselines`.
+- Baselines are enqueued first: the 16-bit cache, the space's own `baselines`, then `--baseline`
+  files.
 - Results are cached by (config, tasks, model, settings): duplicates and re-runs cost nothing.
 - A trial that raises (out of memory, NaN logits, a bug) is recorded FAIL with its reason; the
   search goes on.
@@ -64,6 +65,8 @@ class SearchSettings:
     storage_dtype: str = "bfloat16"  # what float weights and full-precision K/V are held in
     threads: int | None = None
     perplexity: bool = False  # also measure held-out perplexity (reported, not an objective)
+    # configs to evaluate first, after the space's baselines (`search --baseline FILE`)
+    baselines: list[dict] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -86,6 +89,8 @@ class SearchSettings:
             raise UserError(
                 f"--context-length must be at least 64 tokens; got {self.context_length}"
             )
+        for data in self.baselines:
+            canonical(data)  # a bad baseline file fails before the model loads
         if any(n > self.context_length for n in self.lengths):
             raise UserError("task lengths cannot exceed --context-length")
         if not self.study or any(c in self.study for c in "/\\ "):
@@ -199,7 +204,8 @@ class Search:
 
         trials = self.study.get_trials(deepcopy=False)
         if not trials:
-            first = [canonical(Config())] + list(self.space.baselines)
+            first = [canonical(Config()), *self.space.baselines]
+            first += [canonical(data) for data in self.s.baselines]
             if self.s.sampler == "grid":
                 first += self.space.grid()
             enqueue_fixed(self.study, self.space, first, self._n_layers())
