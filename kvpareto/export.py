@@ -145,31 +145,49 @@ def _llama_kv_differences(config: Config, k_bits: int, v_bits: int) -> list[str]
     return out
 
 
+# The token-embedding/output types closest to `embed_weights` (int4: a scale and a zero per 32
+# values of a row, as q4_1 keeps a scale and a minimum per block of 32).
+_GGML_EMBED = {"int8": "q8_0", "int4": "q4_1"}
+
+
 def _llama_weights(config: Config, storage: str) -> str:
-    method = config.weights
-    if method == "none":
+    method, embed = config.weights, config.embed_weights
+    if method == "none" and embed == "none":
         return f"a {_GGML_FLOAT[storage]} GGUF (measured unquantized)"
-    kind = {"int8": "Q8_0", "int4": "Q4_1", "awq4": "Q4_1"}[method]
+    kind = {"int8": "Q8_0", "int4": "Q4_1", "awq4": "Q4_1"}.get(
+        method, _GGML_FLOAT[storage].upper()
+    )
+    table = _GGML_EMBED.get(embed, "f16")
     imatrix = " --imatrix FILE" if method == "awq4" else ""
     return (
-        f"llama-quantize{imatrix} --token-embedding-type f16 --output-tensor-type f16 "
+        f"llama-quantize{imatrix} --token-embedding-type {table} --output-tensor-type {table} "
         f"MODEL-f16.gguf MODEL-{kind}.gguf {kind}"
     )
 
 
 def _llama_weight_differences(config: Config) -> list[str]:
     method, group, _ = config.weight_method
+    out = []
     if method == "int8":
-        return ["weights: Q8_0 has an fp16 scale per 32 weights; measured: a bf16 scale per row"]
+        out.append("weights: Q8_0 has an fp16 scale per 32 weights; measured: a bf16 scale per row")
     if method in ("int4", "awq4"):
-        out = [f"weights: Q4_1 blocks are 32 weights; measured: groups of {group}"]
+        out.append(f"weights: Q4_1 blocks are 32 weights; measured: groups of {group}")
         if method == "awq4":
             out.append(
                 "weights: llama.cpp has no AWQ scales; an importance matrix (llama-imatrix) is "
                 "its activation-aware stand-in"
             )
-        return out
-    return []
+    if config.embed_weights == "int8":
+        out.append(
+            "token_embd/output: q8_0 has an fp16 scale per 32 values; measured: a bf16 scale "
+            "per row"
+        )
+    elif config.embed_weights == "int4":
+        out.append(
+            "token_embd/output: q4_1 keeps an fp16 scale and minimum per 32 values; measured: "
+            "a bf16 scale and zero per 32 values"
+        )
+    return out
 
 
 # --- transformers --------------------------------------------------------------------------------
@@ -254,11 +272,17 @@ def _transformers_weights(config: Config) -> str:
 
 
 def _transformers_weight_differences(config: Config) -> list[str]:
+    out = []
     if config.weights == "awq4":
-        return ["weights: AWQ needs a checkpoint quantized by an AWQ tool; HQQ stands in"]
-    if config.weights != "none":
-        return ["weights: quanto/HQQ have their own scale layout and kernels, not kvpareto's"]
-    return []
+        out.append("weights: AWQ needs a checkpoint quantized by an AWQ tool; HQQ stands in")
+    elif config.weights != "none":
+        out.append("weights: quanto/HQQ have their own scale layout and kernels, not kvpareto's")
+    if config.embed_weights != "none":
+        out.append(
+            f"the token embedding and LM head stay in float (measured {config.embed_weights}): "
+            "the quantization configs above leave them out"
+        )
+    return out
 
 
 # --- shared --------------------------------------------------------------------------------------

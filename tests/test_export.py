@@ -89,6 +89,15 @@ def test_llama_cpp_gets_the_closest_cache_types_and_each_difference(tmp_path):
         assert said in text, said
 
 
+def test_quantized_embeddings_map_to_token_embd_and_output_types(tmp_path):
+    folder, label = _study_with(tmp_path, embed_weights="int4")
+    text = export_point(folder, label, "llama.cpp")
+    # float decoder weights, int4 tables: only the embedding and output are quantized
+    assert "--token-embedding-type q4_1 --output-tensor-type q4_1" in text
+    assert "token_embd/output: q4_1" in text
+    assert "stay in float (measured int4)" in export_point(folder, label, "transformers")
+
+
 def test_llama_cpp_keeps_its_rotation_for_a_rotated_point_and_says_what_it_lacks(tmp_path):
     folder, label = _study_with(
         tmp_path, k_bits=8, v_bits=8, k_granularity="per-channel", rotation="hadamard"
