@@ -36,6 +36,9 @@ def bench_command(
         help="samplers: a grid table (.json) or a folder of them to replay the samplers against.",
     ),
     replay_seeds: int = typer.Option(20, min=1, help="samplers: replayed runs per sampler."),
+    replay_samplers: str = typer.Option(
+        "nsga2,tpe,gp,random", help="samplers: which samplers to replay (gp is the slowest)."
+    ),
     as_json: bool = options.as_json(),
 ) -> None:
     """Measure speed, memory and accuracy as ratios against baselines measured in the same run.
@@ -59,7 +62,7 @@ def bench_command(
         rows = _measure(loaded, model, chosen, lengths, steps, repeats, prune_samples, storage)
         rows.update(compute.to_dict(), storage_dtype=storage)
     if "samplers" in chosen:
-        rows["samplers"] = _replay_samplers(grids, replay_seeds)
+        rows["samplers"] = _replay_samplers(grids, replay_samplers, replay_seeds)
     rows["cpu_flags"] = cpu_flag_summary()
     from kvpareto.bench import targets
 
@@ -79,8 +82,8 @@ def bench_command(
         _print_targets(rows)
 
 
-def _replay_samplers(grids: str, seeds: int) -> list[dict]:
-    """Every sampler but `grid` replayed `seeds` times against each stored grid table."""
+def _replay_samplers(grids: str, names: str, seeds: int) -> list[dict]:
+    """The named samplers replayed `seeds` times against each stored grid table."""
     from pathlib import Path
 
     from kvpareto.search.replay import load_table, sampler_table
@@ -90,11 +93,19 @@ def _replay_samplers(grids: str, seeds: int) -> list[dict]:
     paths = sorted(path.glob("*.json")) if path.is_dir() else [path]
     if not paths or not paths[0].is_file():
         raise UserError(f"--grids {grids}: no grid table (.json) there")
-    samplers = [name for name in SAMPLERS.names() if name != "grid"]
+    samplers = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in samplers if n not in SAMPLERS or n == "grid"]
+    if not samplers or unknown:
+        choices = ", ".join(n for n in SAMPLERS.names() if n != "grid")
+        raise UserError(f"--replay-samplers takes a subset of {choices}; got {names!r}")
+    from rich.progress import Progress
+
     rows = []
-    for table in map(load_table, paths):
-        err.print(f"replaying {', '.join(samplers)} x {seeds} seeds on {table.name}")
-        rows += sampler_table(table, samplers, seeds)
+    with Progress(console=err, transient=True) as bar:
+        for table in map(load_table, paths):
+            task = bar.add_task(f"replaying on {table.name}", total=len(samplers) * seeds)
+            tick = lambda name, seed, task=task: bar.update(task, advance=1, description=name)  # noqa: E731
+            rows += sampler_table(table, samplers, seeds, progress=tick)
     return rows
 
 
