@@ -8,8 +8,9 @@ baseline), the frontier scatter (every trial, CI error bars, the frontier as a s
 and knee marked, failed and over-budget trials faded), the memory breakdown of frontier configs
 (measured next to modeled), NIAH heatmaps (context length x needle depth) for the baseline, the
 knee and the cheapest frontier config within 3 points of the baseline, a parallel-categories view
-of the knobs coloured by accuracy, and a sortable table of frontier configs with a copyable
-`--config` snippet each (configs that rebuild the source grid say so). With several models, an
+of the knobs coloured by accuracy, and a sortable table of frontier configs (accuracy, its
+difference from the baseline with the paired CI and McNemar p, KLD and answer log-probability)
+with a copyable `--config` snippet each (configs that rebuild the source grid say so). With several models, an
 overlay of their fronts on normalized axes.
 """
 
