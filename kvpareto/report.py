@@ -10,8 +10,8 @@ and knee marked, failed and over-budget trials faded), the memory breakdown of f
 knee and the cheapest frontier config within 3 points of the baseline, a parallel-categories view
 of the knobs coloured by accuracy, and a sortable table of frontier configs (accuracy, its
 difference from the baseline with the paired CI and McNemar p, KLD and answer log-probability)
-with a copyable `--config` snippet each (configs that rebuild the source grid say so). With several models, an
-overlay of their fronts on normalized axes.
+with a copyable `--config` snippet each (configs that rebuild the source grid say so). With
+several models, an overlay of their fronts on normalized axes.
 """
 
 from __future__ import annotations
