@@ -5,6 +5,14 @@ keys, the order in which the search space asks the sampler, and every output fil
 before the package was reshaped: its Optuna study (study.db), its trial cache, the outputs
 (trials.csv, frontier.json, study.json), the report's sha256, and the keys and labels of every
 config in the shipped spaces' grids.
+
+When a change adds figures to the trial record or the outputs on purpose, regenerate everything
+but config-keys.json by running the search of study.json's `command` (from a folder holding
+`.venv` and `search_spaces`), copy study.db, trial-cache/, trials.csv, frontier.json and
+study.json here, and store the sha256 of the report rebuilt as below; check that the new
+trials.csv lists the same config keys, accuracies and memory as the old one. Last done when the
+paired difference from the baseline and the fidelity scores (KLD, answer log-probability) were
+added: the trials, keys and figures were unchanged, the new columns are the only difference.
 """
 
 from __future__ import annotations
