@@ -102,6 +102,16 @@ def test_smoke_search_writes_outputs_and_a_true_frontier(tmp_path):
     ).all()
 
 
+def test_kld_as_an_objective_is_minimized_beside_memory(tmp_path):
+    _search(tmp_path, "--trials", "3", "--objectives", "memory,kld")
+    folder = tmp_path / "tiny-llama" / "s"
+    study = optuna.load_study(study_name="s:tiny-llama", storage=f"sqlite:///{folder / 'study.db'}")
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    rows = _trials(folder).set_index("trial")
+    for t in study.trials:
+        assert t.values == [rows.total_bytes[t.number] / 1e6, rows.kld[t.number]]
+
+
 def test_same_seed_and_sampler_give_the_same_trials_and_frontier(tmp_path):
     for study in ("one", "two"):
         _search(tmp_path, "--trials", "8", "--sampler", "nsga2", "--seed", "3", study=study)
