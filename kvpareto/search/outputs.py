@@ -99,18 +99,12 @@ def trial_rows(study) -> list[dict]:
 
 
 def _fidelity_columns(fidelity) -> dict:
-    if fidelity is None:
-        return {name: None for name in ("kld", "kld_lo", "kld_hi")} | {
-            name: None for name in ("answer_logprob", "answer_logprob_lo", "answer_logprob_hi")
-        }
-    return {
-        "kld": fidelity.kld,
-        "kld_lo": fidelity.kld_ci[0],
-        "kld_hi": fidelity.kld_ci[1],
-        "answer_logprob": fidelity.answer_logprob,
-        "answer_logprob_lo": fidelity.answer_logprob_ci[0],
-        "answer_logprob_hi": fidelity.answer_logprob_ci[1],
-    }
+    columns = {}
+    for name in ("kld", "answer_logprob"):
+        low, high = getattr(fidelity, f"{name}_ci") if fidelity else (None, None)
+        value = getattr(fidelity, name) if fidelity else None
+        columns |= {name: value, f"{name}_lo": low, f"{name}_hi": high}
+    return columns
 
 
 def _against_baseline(rows: list[dict]) -> None:
