@@ -6,14 +6,17 @@ last position's logits only (full logits would dominate the activation peak). Wi
 pruning, the prompt's tokens are evicted chunk by chunk as they arrive (`kvpareto.kv.pruning`),
 and a scorer that needs queries gets them from hooks that live only as long as the prefill.
 Decode then appends one greedy token at a time until an end-of-sequence token, a stop string,
-or `max_new_tokens`. A one-chunk prefill into a static, unpruned cache is computed once per model
-and prompt and replayed into later caches (`kvpareto.prefill_reuse`): its forward pass does not
-depend on the KV configuration.
+or `max_new_tokens`; asked to, it also keeps the next-token distribution along a reference answer
+(`generate`'s `follow`, for `kvpareto.fidelity`), teacher-forcing the reference on a fork of the
+cache from the first step where the greedy choice departs from it. A one-chunk prefill into a
+static, unpruned cache is computed once per model and prompt and replayed into later caches
+(`kvpareto.prefill_reuse`): its forward pass does not depend on the KV configuration.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +48,8 @@ class Generation:
     decode_s: float
     cache: KVCache  # closed (`KVCache.close`): its bytes are there to read, not to extend
     prefill_reused: bool = False  # replayed from a recorded prefill (see prefill_reuse)
+    # With `logprobs`: float32 log-softmax at each answer position, [positions, vocab] (`generate`)
+    answer_logprobs: torch.Tensor | None = None
 
     @property
     def decode_steps(self) -> int:
@@ -140,11 +145,65 @@ def score_tokens(
     with make_cache(model, config, dtype, prompt_length=start) as cache:
         take(prefill(model, input_ids[:, :start], cache, config.chunk_size), start)
         rest = input_ids[:, start:-1]  # the last token predicts nothing that is scored
-        step = scoring_block(config, len(cache.layers)) or max(rest.shape[1], 1)
-        for begin in range(0, rest.shape[1], step):
-            out = model(rest[:, begin : begin + step], **with_cache(cache), use_cache=True)
-            take(out.logits[0], start + begin + 1)
+        for begin, logits in teacher_force(model, rest, cache, config):
+            take(logits, start + begin + 1)
     return torch.cat(logprobs), torch.cat(greedy)
+
+
+def teacher_force(
+    model, tokens: torch.Tensor, cache: KVCache, config: Config
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Feed `tokens` ([1, n]) through `cache` as decoding would, `scoring_block` tokens per
+    forward; yield each block's offset in `tokens` and its logits, [block, vocab]."""
+    step = scoring_block(config, len(cache.layers)) or max(tokens.shape[1], 1)
+    for begin in range(0, tokens.shape[1], step):
+        out = model(tokens[:, begin : begin + step], **with_cache(cache), use_cache=True)
+        yield begin, out.logits[0]
+
+
+class _AlongAnswer:
+    """The log-softmax at each answer position: along the generated tokens, or along `follow`.
+
+    While the greedy choice agrees with `follow`, a decode step's logits are the teacher-forced
+    ones. At the first step that departs, the rest of `follow` is fed through a fork of the cache
+    in `scoring_block` blocks (one small forward, not a second prefill), and decoding goes on
+    with the generated token."""
+
+    def __init__(self, model, config: Config, follow: Sequence[int] | None):
+        self.model, self.config, self.follow = model, config, follow
+        self.rows: list[torch.Tensor] = []
+        self.on_path = True
+        self.seconds = 0.0  # spent here during decoding, which decode timing leaves out
+
+    def step(self, logits: torch.Tensor, token: int, cache: KVCache) -> None:
+        """`logits` ([1, vocab]) predict answer position len(rows); `token` is the greedy pick."""
+        if not self.on_path:
+            return
+        start = time.perf_counter()
+        self.rows.append(logits.float().log_softmax(-1))
+        at = len(self.rows) - 1
+        if self.follow is not None and at == len(self.follow) - 1:
+            self.on_path = False
+        elif self.follow is not None and token != self.follow[at]:
+            self._force_rest(cache)
+        self.seconds += time.perf_counter() - start
+
+    def finish(self, cache: KVCache) -> torch.Tensor:
+        """The rows, [positions, vocab]. A generation that stopped on `follow`'s path before its
+        end (under another stop rule than the one that made it) is forced to the end here."""
+        if self.follow is not None and self.on_path:
+            self._force_rest(cache)
+        return torch.cat(self.rows)
+
+    def _force_rest(self, cache: KVCache) -> None:
+        """Score the rest of `follow` on a fork of `cache`, which holds the prompt and
+        follow[:at], at the last position scored."""
+        at = len(self.rows) - 1
+        rest = torch.tensor([list(self.follow[at:-1])])
+        with cache.fork() as fork:
+            for _, logits in teacher_force(self.model, rest, fork, self.config):
+                self.rows.append(logits.float().log_softmax(-1))
+        self.on_path = False
 
 
 @torch.inference_mode()
@@ -155,9 +214,15 @@ def generate(
     config: Config,
     max_new_tokens: int = 16,
     stop_strings: tuple[str, ...] = (),
+    logprobs: bool = False,
+    follow: Sequence[int] | None = None,
 ) -> Generation:
+    """Greedy answer to `input_ids` under `config`. With `logprobs`, the result also carries the
+    next-token log-softmax at each answer position (`answer_logprobs`): along the generated
+    tokens, or, given `follow` (a reference answer), along its tokens (`_AlongAnswer`)."""
     dtype = next(model.parameters()).dtype
     stops = stop_token_ids(model, tokenizer)
+    along = _AlongAnswer(model, config, follow) if logprobs else None
     with make_cache(model, config, dtype, prompt_length=input_ids.shape[1]) as cache:
         t0 = time.perf_counter()
         logits, recorded_forward_s = prefill_or_replay(model, input_ids, cache, config)
@@ -171,15 +236,21 @@ def generate(
         new: list[int] = []
         token = logits.argmax(dim=-1)
         while True:
+            if along:
+                along.step(logits, int(token), cache)
             new.append(int(token))
             if int(token) in stops or len(new) >= max_new_tokens:
                 break
             if stop_strings and any(s in tokenizer.decode(new) for s in stop_strings):
                 break
             out = model(token[:, None], **with_cache(cache), use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(dim=-1)
-        t2 = time.perf_counter()
+            logits = out.logits[:, -1]
+            token = logits.argmax(dim=-1)
+        t2 = time.perf_counter() - (along.seconds if along else 0.0)
+        rows = along.finish(cache) if along else None
 
     text = tokenizer.decode([t for t in new if t not in stops], skip_special_tokens=True)
     reused = recorded_forward_s is not None
-    return Generation(input_ids.shape[1], new, text, kv_bytes, prefill_s, t2 - t1, cache, reused)
+    return Generation(
+        input_ids.shape[1], new, text, kv_bytes, prefill_s, t2 - t1, cache, reused, rows
+    )

@@ -8,9 +8,10 @@ baseline), the frontier scatter (every trial, CI error bars, the frontier as a s
 and knee marked, failed and over-budget trials faded), the memory breakdown of frontier configs
 (measured next to modeled), NIAH heatmaps (context length x needle depth) for the baseline, the
 knee and the cheapest frontier config within 3 points of the baseline, a parallel-categories view
-of the knobs coloured by accuracy, and a sortable table of frontier configs with a copyable
-`--config` snippet each (configs that rebuild the source grid say so). With several models, an
-overlay of their fronts on normalized axes.
+of the knobs coloured by accuracy, and a sortable table of frontier configs (accuracy, its
+difference from the baseline with the paired CI and McNemar p, KLD and answer log-probability)
+with a copyable `--config` snippet each (configs that rebuild the source grid say so). With
+several models, an overlay of their fronts on normalized axes.
 """
 
 from __future__ import annotations
@@ -361,7 +362,11 @@ def _frontier_table(st: Study) -> str:
             "reduction",
             "accuracy",
             "95% CI",
-            "Δ acc",
+            "Δ acc vs baseline",
+            "paired 95% CI",
+            "McNemar p",
+            "KLD",
+            "answer log-prob",
             "notes",
             "--config snippet",
         )
@@ -384,7 +389,8 @@ def _frontier_table(st: Study) -> str:
             '<tr class="frontier-row">'
             f"<td>{html.escape(e['label'])}</td><td>{e['total_bytes'] / 1e6:.2f}</td>"
             f"<td>{e['memory_reduction']:.1%}</td><td>{e['accuracy']:.3f}</td>"
-            f"<td>[{lo:.2f}, {hi:.2f}]</td><td>{delta}</td><td>{notes}</td>"
+            f"<td>[{lo:.2f}, {hi:.2f}]</td><td>{delta}</td><td>{_paired_cells(e)}</td>"
+            f"<td>{notes}</td>"
             f"<td><pre>{html.escape(snippet)}</pre>"
             '<button onclick="copySnippet(this)">copy</button></td></tr>'
         )
@@ -392,6 +398,23 @@ def _frontier_table(st: Study) -> str:
         f'<table class="frontier" id="table-{st.slug}"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
     )
+
+
+def _paired_cells(e: dict) -> str:
+    """The paired CI of Δ acc, McNemar's p, and the fidelity scores with their CIs; blank where
+    a study recorded none (studies from before they existed)."""
+
+    def interval(ci, fmt):
+        return "" if not ci else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+    p, kld, logprob = e.get("mcnemar_p"), e.get("kld"), e.get("answer_logprob")
+    cells = (
+        interval(e.get("delta_accuracy_ci"), "+.2f"),
+        "" if p is None else f"{p:.3g}",
+        "" if kld is None else f"{kld:.2e} {interval(e.get('kld_ci'), '.1e')}",
+        "" if logprob is None else f"{logprob:.2f} {interval(e.get('answer_logprob_ci'), '.2f')}",
+    )
+    return "</td><td>".join(cells)
 
 
 _STYLE = """

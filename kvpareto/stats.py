@@ -1,10 +1,12 @@
 """Accuracy as a mean with a 95% interval: Wilson's for right/wrong outcomes (honest at small n
-and near 0 or 1), a seeded percentile bootstrap for scores that can be partly right; and the
-exact McNemar test for two configs scored on the same prompts."""
+and near 0 or 1), a seeded percentile bootstrap for scores that can be partly right; and, for
+two configs scored on the same prompts, the paired difference (`paired`): the exact McNemar
+test and the Bonett-Price interval for right/wrong outcomes, a paired bootstrap otherwise."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,3 +58,53 @@ def mean_interval(scores: list[float]) -> tuple[float, float]:
     if all(s in (0, 1) for s in scores):
         return wilson(int(sum(scores)), len(scores))
     return bootstrap(scores)
+
+
+def bonett_price(only_a: int, only_b: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% interval of p_a - p_b for `n` paired right/wrong outcomes, of which `only_a`
+    were right for a alone and `only_b` for b alone: Bonett and Price's adjusted Wald interval
+    (J. Educ. Behav. Stat. 37(4), 2012, 479-488), one of the intervals Fagerland, Lydersen and
+    Laake recommend for paired proportions (Stat. Methods Med. Res. 23(4), 2014). It adds one
+    pair to each discordant count, so it stays honest with no discordant pairs at all; clipped
+    to [-1, 1]."""
+    a, b = (only_a + 1) / (n + 2), (only_b + 1) / (n + 2)
+    half = z * math.sqrt((a + b - (a - b) ** 2) / (n + 2))
+    return max(-1.0, a - b - half), min(1.0, a - b + half)
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """Mean score of a minus mean score of b over the same samples, with a paired 95% interval.
+
+    For right/wrong outcomes, `p` is the exact McNemar p-value, and the interval Bonett-Price's;
+    for scores that can be partly right, `p` is None and the interval is the percentile
+    bootstrap of the per-sample differences."""
+
+    delta: float
+    ci: tuple[float, float]
+    p: float | None
+    n: int
+    only_a: int | None = None  # right for a alone (right/wrong outcomes only)
+    only_b: int | None = None
+
+    @property
+    def distinct(self) -> bool:
+        """Whether the samples tell a and b apart at the 5% level: McNemar's p below 0.05, or,
+        without a p, an interval that excludes 0."""
+        if self.p is not None:
+            return self.p < 0.05
+        return not self.ci[0] <= 0.0 <= self.ci[1]
+
+
+def paired(a: list[float], b: list[float]) -> PairedDelta:
+    """The paired difference of two configs' scores on the same samples, in the same order."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired scores need equal, non-empty lists; got {len(a)} and {len(b)}")
+    delta = (sum(a) - sum(b)) / len(a)
+    if all(s in (0, 1) for s in (*a, *b)):
+        only_a = sum(1 for x, y in zip(a, b, strict=True) if x > y)
+        only_b = sum(1 for x, y in zip(a, b, strict=True) if y > x)
+        ci = bonett_price(only_a, only_b, len(a))
+        return PairedDelta(delta, ci, mcnemar_exact(only_a, only_b), len(a), only_a, only_b)
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    return PairedDelta(delta, bootstrap(differences), None, len(a))

@@ -4,6 +4,9 @@
 - Bytes: for every registered KV scheme, and for pruning with every registered scorer, the bytes
   a cache holds equal the closed form to the byte, after a prefill of any length and chunking and
   after each decode step, and the most it held during the prefill equals the modeled peak.
+- Forks: for every registered KV scheme, and for pruning, a fork of a prefilled cache
+  (`KVCache.fork`) continues exactly as the cache itself would, and feeding it leaves the cache
+  as it was.
 - Registries: a name registered twice is refused, an unknown name is a `UserError` that lists
   every known name, and `names()` is everything that `get` finds.
 """
@@ -109,6 +112,31 @@ def check_measured_bytes_equal_modeled(model, case: BytesCase, decode_steps: int
                 for step in range(decode_steps):
                     model(_ids(1, seed=step), **with_cache(cache))
                     assert cache.nbytes() == cache.modeled_nbytes(length + step + 1), at
+
+
+# One configuration per scheme, and pruning, on a model with global and one with sliding layers.
+FORK_CASES = [
+    ("tiny-llama", STATIC_GRID[2]),
+    ("tiny-gemma3", STATIC_GRID[2]),
+    ("tiny-llama", ADAPTIVE_GRID[0]),
+    ("tiny-llama", ADAPTIVE_GRID[2]),
+    ("tiny-llama", _pruned(PRUNE_GRID[1], "snapkv")),
+]
+
+
+def check_a_fork_continues_as_the_cache_and_apart_from_it(model, config: Config) -> None:
+    length, chunk = 100, 24
+    with make_cache(model, config, torch.bfloat16, prompt_length=length) as cache:
+        prefill(model, _ids(length), cache, chunk)
+        held = cache.nbytes()
+        with cache.fork() as fork:
+            # Three tokens at once: an adaptive write of several widths needs the fork's hooks.
+            forked = model(_ids(3, seed=7), **with_cache(fork)).logits
+            assert cache.nbytes() == held and cache.get_seq_length() == length
+            assert fork.get_seq_length() == length + 3
+            original = model(_ids(3, seed=7), **with_cache(cache)).logits
+            assert torch.equal(forked, original)
+            assert fork.nbytes() == cache.nbytes()
 
 
 def schemes_covered() -> set[str]:

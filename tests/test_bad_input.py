@@ -37,6 +37,8 @@ CASES = [
     ("unknown sampler", None, ["--sampler", "annealing"], "sampler"),
     ("bad objectives", None, ["--objectives", "accuracy,memory"], "objectives"),
     ("unknown objective", None, ["--objectives", "memory,accuracy,joy"], "objectives"),
+    ("no quality objective", None, ["--objectives", "memory,latency"], "accuracy or kld"),
+    ("one objective", None, ["--objectives", "kld"], "two or three"),
     ("zero trials", None, ["--trials", "0"], "trials"),
     ("zero workers", None, ["--workers", "0"], "workers"),
     ("negative budget", None, ["--budget-mb", "-5"], "budget"),

@@ -1,5 +1,6 @@
 """The contracts of tests/contracts.py, run once against every implementation: every KV scheme and
-pruning scorer holds exactly its modeled bytes, and every registry keeps the registry contract."""
+pruning scorer holds exactly its modeled bytes, every scheme's fork continues as its cache, and
+every registry keeps the registry contract."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from kvpareto.tasks import FAMILIES, TASKS
 from kvpareto.weights.quantize import QUANTIZERS
 from tests.contracts import (
     BYTES_CASES,
+    FORK_CASES,
+    check_a_fork_continues_as_the_cache_and_apart_from_it,
     check_measured_bytes_equal_modeled,
     check_registry,
     schemes_covered,
@@ -33,6 +36,21 @@ def test_measured_kv_bytes_equal_modeled_bytes(tiny_models, case):
 def test_every_registered_scheme_and_scorer_is_held_to_the_bytes_contract():
     assert schemes_covered() == set(SCHEMES.names())
     assert scorers_covered() == set(SCORERS.names())
+
+
+@pytest.mark.parametrize(
+    "model,config", FORK_CASES, ids=[f"{m}-{c.label()}" for m, c in FORK_CASES]
+)
+def test_a_fork_of_a_prefilled_cache_continues_as_the_cache_and_apart_from_it(
+    tiny_models, model, config
+):
+    check_a_fork_continues_as_the_cache_and_apart_from_it(tiny_models[model].model, config)
+
+
+def test_every_registered_scheme_and_pruning_is_held_to_the_fork_contract():
+    configs = [config for _, config in FORK_CASES]
+    assert {c.kv_scheme for c in configs} == set(SCHEMES.names())
+    assert any(c.prune_rate > 0 for c in configs)
 
 
 @pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.kind)

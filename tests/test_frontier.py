@@ -35,39 +35,73 @@ def test_hypervolume_known_answer():
     assert hypervolume([Point("far", 200, 1.0)], 100) == 0.0
 
 
-def test_knee_is_the_point_farthest_above_the_chord():
-    front = [Point("cheap", 10, 0.1), Point("knee", 30, 0.85), Point("full", 100, 0.9)]
+def _point(key: str, memory: float, right: str) -> Point:
+    """A point scored on len(right) samples, right where `right` has a 1."""
+    scores = [float(c) for c in right]
+    outcomes = tuple((f"s{i}", x) for i, x in enumerate(scores))
+    return Point(key, memory, sum(scores) / len(scores), outcomes=outcomes)
+
+
+def test_the_knee_is_the_cheapest_point_no_costlier_point_beats_on_the_same_samples():
+    # cheap misses 15 samples that knee gets (McNemar p = 2 / 2^15); full adds one more
+    # sample (p = 1): past knee, more memory buys nothing the samples can show.
+    front = [
+        _point("cheap", 10, "11" + "0" * 18),
+        _point("knee", 30, "1" * 17 + "000"),
+        _point("full", 100, "1" * 18 + "00"),
+    ]
     assert knee(front).key == "knee"
+    assert indistinguishable(front) == {"full"}
 
 
-def test_knee_is_found_on_min_max_scaled_axes_whatever_the_units():
-    # Scaled over the front, memory is (0, 0.2, 0.4, 1) and accuracy (0, 0.5, 0.875, 1):
-    # accuracy minus memory is largest at 14 (0.475 against 0.3 at 12).
-    front = [Point("a", 10, 0.1), Point("b", 12, 0.5), Point("c", 14, 0.8), Point("d", 20, 0.9)]
-    assert knee(front).key == "c"
-    in_kib = [Point(p.key, p.memory * 1024, p.accuracy) for p in front]
-    assert knee(in_kib).key == "c"
+def test_when_every_step_up_buys_accuracy_the_knee_is_the_costliest_point():
+    front = [
+        _point("low", 10, "0" * 20),
+        _point("mid", 20, "1" * 10 + "0" * 10),  # 10 pairs one way: p = 2 / 2^10
+        _point("top", 30, "1" * 20),
+    ]
+    assert knee(front).key == "top"
+    assert indistinguishable(front) == set()
+
+
+def test_when_the_samples_cannot_tell_the_front_apart_the_knee_is_its_cheapest_point():
+    # 6/10 against 10/10 looks like a loss, but 4 discordant pairs give McNemar p = 0.125.
+    front = [_point("cheap", 10, "1111110000"), _point("full", 100, "1" * 10)]
+    assert knee(front).key == "cheap"
+    assert indistinguishable(front) == {"full"}
 
 
 @pytest.mark.parametrize(
     "front",
-    [
-        [],
-        [Point("only", 10, 0.5)],
-        [Point("cheap", 10, 0.2), Point("full", 100, 0.9)],
-        [Point("a", 10, 0.1), Point("b", 40, 0.4), Point("c", 70, 0.7), Point("d", 100, 1.0)],
-        [Point("a", 0.1, 0.3), Point("b", 0.2, 0.6), Point("c", 0.3, 0.9)],  # on the chord
-    ],
-    ids=["empty", "one point", "two points", "collinear", "collinear up to rounding"],
+    [[], [Point("only", 10, 0.5)]],
+    ids=["empty", "one point"],
 )
-def test_a_front_without_a_bend_has_no_knee(front):
+def test_a_front_without_a_trade_off_has_no_knee(front):
     assert knee(front) is None
 
 
-def test_indistinguishable_marks_overlapping_intervals():
+def test_points_that_cannot_be_paired_are_never_told_apart():
+    # Scored on other samples (or with none recorded): no paired test, so no evidence.
+    a = _point("a", 10, "0" * 20)
+    b = Point("b", 20, 1.0, outcomes=tuple((f"t{i}", 1.0) for i in range(20)))
+    assert indistinguishable([a, b]) == {"b"} and knee([a, b]).key == "a"
+    assert indistinguishable([Point("x", 1, 0.1), Point("y", 2, 0.9)]) == {"y"}
+
+
+def test_indistinguishable_pairs_samples_where_independent_intervals_would_overlap():
+    # 28/40 and 36/40: Wilson intervals (0.55, 0.82) and (0.77, 0.96) overlap, but cheap is
+    # wrong on 8 samples that full gets and right on every one full gets: McNemar p = 2 / 2^8.
+    cheap = _point("cheap", 10, "1" * 28 + "0" * 12)
+    full = _point("full", 20, "1" * 36 + "0" * 4)
+    assert indistinguishable([cheap, full]) == set()
+    assert knee([cheap, full]).key == "full"
+
+
+def test_a_point_is_marked_when_the_paired_test_cannot_tell_it_from_any_cheaper_one():
     front = [
-        Point("cheap", 10, 0.6, (0.5, 0.7)),
-        Point("mid", 20, 0.65, (0.55, 0.75)),  # overlaps cheap
-        Point("top", 30, 0.95, (0.9, 1.0)),
+        _point("a", 10, "1" * 10 + "0" * 10),
+        _point("b", 20, "1" * 19 + "0"),  # 9 discordant pairs against a: p = 2 / 2^9
+        _point("c", 30, "1" * 20),  # apart from a, but one pair from b: p = 1
     ]
-    assert indistinguishable(front) == {"mid"}
+    assert indistinguishable(front) == {"c"}
+    assert knee(front).key == "b"

@@ -5,7 +5,11 @@ keys, the order in which the search space asks the sampler, and every output fil
 and is rewritten by its `regenerate.sh` only for a change meant to alter it: its Optuna study
 (study.db), its trial cache, the outputs (trials.csv, frontier.json, study.json), the report's
 sha256, and the keys and labels of every config in the shipped spaces' grids (with, for a grid
-that later gained a knob, those of its configs from before it).
+that later gained a knob, those of its configs from before it). After regenerating, check that
+trials.csv lists the same config keys, accuracies and memory unless the change meant otherwise.
+Last regenerated when the paired difference from the baseline and the fidelity scores were
+added (same trials, keys and figures; new columns only), then when fixed configs began to carry
+sampler params (NSGA-II's later proposals changed, as intended).
 """
 
 from __future__ import annotations

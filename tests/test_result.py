@@ -87,6 +87,20 @@ def test_a_stale_trial_cache_record_is_a_miss_not_a_figure(tmp_path, record):
     assert TrialCache(tmp_path).get("k") is None
 
 
+def test_a_record_from_before_fidelity_was_measured_is_a_miss_so_the_trial_runs_again(
+    tmp_path, record
+):
+    assert record["fidelity"]["n"] == len(record["samples"])
+    assert all("kld" in s and "answer_logprob" in s for s in record["samples"])
+    del record["fidelity"]
+    for row in record["samples"]:
+        del row["kld"], row["answer_logprob"]
+    with pytest.raises(RecordError, match="lacks 'fidelity'"):
+        TrialResult.from_dict(record)
+    (tmp_path / "k.json").write_text(json.dumps(record))
+    assert TrialCache(tmp_path).get("k") is None
+
+
 def test_the_trial_cache_stores_the_record_and_treats_half_a_file_as_missing(tmp_path, record):
     cache = TrialCache(tmp_path)
     cache.put("k", TrialResult.from_dict(record))
@@ -105,5 +119,6 @@ def test_study_figures_read_back_what_a_study_keeps_and_nothing_for_a_failed_tri
     assert figures.decode_ms_per_token == result.timing.decode_ms_per_token
     assert figures.effective_kv_bits == result.effective_kv_bits
     assert list(figures.samples) == result.samples and figures.perplexity is None
+    assert figures.fidelity == result.fidelity is not None
     failed = TrialFigures.from_user_attrs({"config": record["config"], "error": "boom"})
     assert failed == TrialFigures()

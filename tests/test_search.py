@@ -11,7 +11,9 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import pytest
 
+from kvpareto.stats import mcnemar_exact
 from tests.conftest import CLI
 
 SMOKE = [
@@ -59,6 +61,10 @@ def _non_dominated(rows: pd.DataFrame) -> set[str]:
     return keep
 
 
+def _right(row) -> list[bool]:
+    return [bool(s["correct"]) for s in json.loads(row.samples_json)]
+
+
 def test_smoke_search_writes_outputs_and_a_true_frontier(tmp_path):
     _search(tmp_path, "--trials", "10", "--sampler", "tpe")
     folder = tmp_path / "tiny-llama" / "s"
@@ -77,7 +83,16 @@ def test_smoke_search_writes_outputs_and_a_true_frontier(tmp_path):
         for e in frontier["frontier"]
     )
     assert frontier["hypervolume"] > 0
-    assert sum(e["knee"] for e in frontier["frontier"]) <= 1  # a straight front has none
+    assert sum(e["knee"] for e in frontier["frontier"]) == (len(frontier["frontier"]) > 1)
+    # Paired with the baseline on the same samples: the baseline differs from itself by 0 and
+    # follows its own answers with a KLD of 0; every p is McNemar's on the discordant samples.
+    assert (base.delta_accuracy, base.mcnemar_p, base.kld) == (0.0, 1.0, 0.0)
+    for _, row in rows.iterrows():
+        pairs = list(zip(_right(row), _right(base), strict=True))
+        only_row, only_base = pairs.count((True, False)), pairs.count((False, True))
+        assert row.mcnemar_p == pytest.approx(mcnemar_exact(only_row, only_base))
+        assert row.delta_accuracy == pytest.approx(row.accuracy - base.accuracy)
+        assert row.kld_lo <= row.kld <= row.kld_hi and row.kld >= 0
     facts = json.loads((folder / "study.json").read_text())
     assert facts["seed"] == 0 and facts["space"]["hash"] and facts["versions"]["torch"]
     # Memory parts: measured and modeled agree on KV to the byte in every trial.
@@ -85,6 +100,16 @@ def test_smoke_search_writes_outputs_and_a_true_frontier(tmp_path):
     assert (
         rows.total_bytes == rows.weights_bytes + rows.kv_bytes + rows.activation_peak_bytes
     ).all()
+
+
+def test_kld_as_an_objective_is_minimized_beside_memory(tmp_path):
+    _search(tmp_path, "--trials", "3", "--objectives", "memory,kld")
+    folder = tmp_path / "tiny-llama" / "s"
+    study = optuna.load_study(study_name="s:tiny-llama", storage=f"sqlite:///{folder / 'study.db'}")
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    rows = _trials(folder).set_index("trial")
+    for t in study.trials:
+        assert t.values == [rows.total_bytes[t.number] / 1e6, rows.kld[t.number]]
 
 
 def test_same_seed_and_sampler_give_the_same_trials_and_frontier(tmp_path):

@@ -123,6 +123,13 @@ def _print_result(r: TrialResult) -> None:
         + (f"; nominal KV bits {nominal:.2f}" if nominal is not None else "")
         + (f", effective {effective:.2f}" if effective else "")
     )
+    if r.fidelity:
+        f = r.fidelity
+        out.print(
+            f"fidelity to the 16-bit baseline's answers over {f.n} samples: KLD {f.kld:.3e} "
+            f"[{f.kld_ci[0]:.3e}, {f.kld_ci[1]:.3e}] nats/token, answer log-prob "
+            f"{f.answer_logprob:.3f} [{f.answer_logprob_ci[0]:.3f}, {f.answer_logprob_ci[1]:.3f}]"
+        )
     if r.perplexity:
         ppl = r.perplexity
         out.print(

@@ -40,7 +40,11 @@ def search_command(
     ),
     workers: int = typer.Option(1, help="Local worker processes."),
     out: Path = typer.Option(Path("results"), help="Output folder."),
-    objectives: str = typer.Option("memory,accuracy", help="memory,accuracy[,latency]"),
+    objectives: str = typer.Option(
+        "memory,accuracy",
+        help="Two or three of memory, accuracy, kld (fidelity to the 16-bit baseline's answers) "
+        "and latency, in that order, e.g. memory,kld.",
+    ),
     dtype: str = options.dtype(),
     storage_dtype: str = options.storage_dtype(),
     threads: int | None = options.threads("Torch CPU threads per worker."),

@@ -22,13 +22,16 @@ def print_frontier(model: str, summary: dict) -> None:
         f"{summary['failed']} failed, {summary['infeasible']} over budget)"
         + (f"\nsource precision: {source}" if source else ""),
         caption=f"hypervolume {summary['hypervolume']:.4f} (reference: 1.1 x baseline memory, "
-        "accuracy 0); K = knee; ~ = CI overlaps a cheaper frontier point"
+        "accuracy 0); Δ acc and its CI are paired with the baseline on the same samples, p is "
+        "McNemar's exact test; KLD from the baseline's next-token distributions (nats/token); "
+        "K = knee; ~ = the paired test cannot tell it from a cheaper frontier point"
         + (f"; G = {GRID_NOTE}" if rebuilt else ""),
     )
     table.add_column("")
     table.add_column("config", no_wrap=True)
     with_ppl = any(e.get("perplexity") is not None for e in summary["frontier"])
-    for col in ("MB", "vs base", "acc", "95% CI", "Δ acc") + (("Δ ppl",) if with_ppl else ()):
+    columns = ("MB", "vs base", "acc", "95% CI", "Δ acc", "paired 95% CI", "p", "KLD")
+    for col in columns + (("Δ ppl",) if with_ppl else ()):
         table.add_column(col, no_wrap=True)
     for e in summary["frontier"]:
         mark = (
@@ -37,7 +40,7 @@ def print_frontier(model: str, summary: dict) -> None:
             + ("G" if e.get("reproduces_source_grid") else "")
         )
         lo, hi = e["accuracy_ci"]
-        delta = e["delta_accuracy"]
+        delta_ci, p, kld = e.get("delta_accuracy_ci"), e.get("mcnemar_p"), e.get("kld")
         table.add_row(
             mark,
             e["label"],
@@ -47,7 +50,10 @@ def print_frontier(model: str, summary: dict) -> None:
             else f"+{-e['memory_reduction']:.1%}",
             f"{e['accuracy']:.3f}",
             f"[{lo:.2f}, {hi:.2f}]",
-            _delta(delta),
+            _delta(e["delta_accuracy"]),
+            "" if delta_ci is None else f"[{delta_ci[0]:+.2f}, {delta_ci[1]:+.2f}]",
+            "" if p is None else f"{p:.3g}",
+            "" if kld is None else f"{kld:.2e}",
             *([_delta(e.get("delta_perplexity"))] if with_ppl else []),
         )
     out.print(table)

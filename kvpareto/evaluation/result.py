@@ -180,9 +180,44 @@ class Perplexity:
         return cls(data["value"], data["tokens"], data["text"], data["baseline"])
 
 
+@dataclass(frozen=True)
+class Fidelity:
+    """How faithfully the trial follows the 16-bit baseline's answers (`kvpareto.fidelity`):
+    the mean KLD over the samples and the mean log-probability of the baseline's answer, each
+    with a bootstrap 95% interval (`stats.bootstrap`), over `n` samples."""
+
+    kld: float
+    kld_ci: tuple[float, float]
+    answer_logprob: float
+    answer_logprob_ci: tuple[float, float]
+    n: int
+
+    def to_dict(self) -> dict:
+        return {
+            "kld": self.kld,
+            "kld_ci": list(self.kld_ci),
+            "answer_logprob": self.answer_logprob,
+            "answer_logprob_ci": list(self.answer_logprob_ci),
+            "n": self.n,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Fidelity:
+        _check_keys(data, _names(cls), "fidelity")
+        return cls(
+            data["kld"],
+            tuple(data["kld_ci"]),
+            data["answer_logprob"],
+            tuple(data["answer_logprob_ci"]),
+            data["n"],
+        )
+
+
 # The record's keys, in the order `to_dict` writes them; only `perplexity` may be absent.
+# `fidelity` is null for a trial whose tasks all run themselves; a record without the key was
+# written before fidelity was measured, and the trial cache runs such a trial again.
 RECORD_KEYS = tuple(
-    """model model_hash config config_key label tasks accuracy accuracy_ci n mean_bits
+    """model model_hash config config_key label tasks accuracy accuracy_ci n fidelity mean_bits
     nominal_kv_bits effective_kv_bits context_lengths samples longest_prompt_tokens memory_tokens
     memory timing weights source_precision compute_dtype storage_dtype threads when perplexity
     """.split()
@@ -190,7 +225,7 @@ RECORD_KEYS = tuple(
 # What a study keeps of a result on its Optuna trial (`user_attrs`), in the order it sets them.
 STUDY_FIGURES = tuple(
     """accuracy accuracy_ci memory timing tasks samples perplexity mean_bits effective_kv_bits
-    """.split()
+    fidelity""".split()
 )
 
 
@@ -210,6 +245,7 @@ class TrialResult:
     accuracy: float
     accuracy_ci: tuple[float, float]
     n: int
+    fidelity: Fidelity | None  # None when no task hands out prompts (they all run themselves)
     # Code bits only, (k+v)/2 or the realized widths of adaptive/rule, token-weighted over the
     # prompts; None without prompts. Also written as `mean_bits`, its old name.
     nominal_kv_bits: float | None
@@ -239,6 +275,7 @@ class TrialResult:
             "accuracy": self.accuracy,
             "accuracy_ci": list(self.accuracy_ci),
             "n": self.n,
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
             "mean_bits": self.nominal_kv_bits,
             "nominal_kv_bits": self.nominal_kv_bits,
             "effective_kv_bits": self.effective_kv_bits,
@@ -284,6 +321,7 @@ class TrialResult:
             accuracy=data["accuracy"],
             accuracy_ci=tuple(data["accuracy_ci"]),
             n=data["n"],
+            fidelity=Fidelity.from_dict(data["fidelity"]) if data["fidelity"] else None,
             nominal_kv_bits=data["nominal_kv_bits"],
             effective_kv_bits=data["effective_kv_bits"],
             context_lengths=data["context_lengths"],
@@ -323,6 +361,7 @@ class TrialFigures:
     mean_bits: float | None = None
     effective_kv_bits: float | None = None
     perplexity: Perplexity | None = None
+    fidelity: Fidelity | None = None
     samples: tuple[dict, ...] = ()
 
     @classmethod
@@ -339,5 +378,6 @@ class TrialFigures:
             perplexity=Perplexity.from_dict(attrs["perplexity"])
             if attrs.get("perplexity")
             else None,
+            fidelity=Fidelity.from_dict(attrs["fidelity"]) if attrs.get("fidelity") else None,
             samples=tuple(attrs.get("samples") or ()),
         )

@@ -3,7 +3,10 @@
 This is the unit that `kvpareto eval` prints and that a search repeats. Accuracy is the mean over
 all samples with a 95% interval (`stats.mean_interval`); memory is measured (and modeled) on the
 longest prompt, which is what a deployment must hold; timing is prefill tokens/s and decode
-ms/token. The result is a typed `TrialResult` (`evaluation.result`).
+ms/token. Every prompt also gets a fidelity score (`kvpareto.fidelity`): the KLD from the 16-bit
+baseline's next-token distributions along the baseline's answer, and that answer's
+log-probability, each with a bootstrap 95% interval over the samples. The result is a typed
+`TrialResult` (`evaluation.result`).
 
 `run_trial` reads as its steps, in the order they call the model; keep that order, since the
 reference answers and prefill reuse (`kvpareto.prefill_reuse`) depend on it.
@@ -22,6 +25,7 @@ from kvpareto.config import Config
 from kvpareto.engine import generate, score_tokens
 from kvpareto.evaluation.calibration_data import calibration
 from kvpareto.evaluation.result import (
+    Fidelity,
     Memory,
     Perplexity,
     TaskScore,
@@ -29,6 +33,7 @@ from kvpareto.evaluation.result import (
     TrialResult,
     WeightsFacts,
 )
+from kvpareto.fidelity import AnswerFidelity, Reference, compare
 from kvpareto.kv import make_cache
 from kvpareto.memory import MemoryParts
 from kvpareto.memory.measure import (
@@ -39,7 +44,7 @@ from kvpareto.memory.measure import (
 from kvpareto.memory.model import modeled_activation_peak
 from kvpareto.models import LoadedModel
 from kvpareto.models.storage_dtype import compute_dtype, dtype_name, storage_dtype
-from kvpareto.stats import mean_interval
+from kvpareto.stats import bootstrap, mean_interval
 from kvpareto.tasks import Sample, Task, get_task
 from kvpareto.tasks.perplexity import held_out_ids, source
 from kvpareto.weights.quantize import quantized_model
@@ -91,19 +96,26 @@ class _Plan:
         return [(task, n) for task in self.tasks if task.runs_itself for n in self.lengths]
 
 
-def _prompts(loaded: LoadedModel, plan: _Plan) -> list[tuple[Task, Sample]]:
-    """Every seeded prompt of the tasks that hand theirs out, with the reference answers of
-    those that need one filled in from `loaded`, the unquantized model."""
-    prompts = [
-        (task, s)
-        for task in plan.tasks
-        if not task.runs_itself
-        for length in plan.lengths
-        for s in task.samples(loaded.tokenizer, length, plan.samples, plan.seed)
-    ]
-    for task, sample in prompts:
-        if task.needs_reference:
-            sample.answer = _reference(loaded, task, sample)
+@dataclass(frozen=True)
+class _Prompt:
+    task: Task
+    sample: Sample
+    baseline: Reference  # the unquantized model's answer, for the fidelity score
+
+
+def _prompts(loaded: LoadedModel, plan: _Plan) -> list[_Prompt]:
+    """Every seeded prompt of the tasks that hand theirs out, each with the answer of `loaded`,
+    the unquantized model, which also fills in the reference answer of tasks that need one."""
+    prompts = []
+    for task in plan.tasks:
+        if task.runs_itself:
+            continue
+        for length in plan.lengths:
+            for sample in task.samples(loaded.tokenizer, length, plan.samples, plan.seed):
+                text, reference = _baseline_answer(loaded, task, sample)
+                if task.needs_reference:
+                    sample.answer = text
+                prompts.append(_Prompt(task, sample, reference))
     return prompts
 
 
@@ -114,11 +126,18 @@ class _Outcomes:
         self.tasks = {t.name: t for t in tasks}
         self.scores: dict[str, list[float]] = {t.name: [] for t in tasks}
         self.rows: list[dict] = []
+        self.fidelity: list[AnswerFidelity] = []  # of the prompts' samples, in order
         self.steps, self.done, self.progress = steps, 0, progress
 
-    def add(self, task: Task, score: float, facts: dict) -> None:
+    def add(
+        self, task: Task, score: float, facts: dict, fidelity: AnswerFidelity | None = None
+    ) -> None:
         self.scores[task.name].append(score)
-        self.rows.append({"task": task.name, **facts, "correct": score})
+        row = {"task": task.name, **facts, "correct": score}
+        if fidelity is not None:
+            self.fidelity.append(fidelity)
+            row |= {"kld": fidelity.kld, "answer_logprob": fidelity.answer_logprob}
+        self.rows.append(row)
 
     def step(self) -> None:
         self.done += 1
@@ -133,17 +152,28 @@ class _PromptRun:
 
 
 def _run_prompts(
-    loaded: LoadedModel, config: Config, prompts: list[tuple[Task, Sample]], outcomes: _Outcomes
+    loaded: LoadedModel, config: Config, prompts: list[_Prompt], outcomes: _Outcomes
 ) -> _PromptRun:
-    """Answer every prompt through the trial's weights and cache, and score the answers."""
+    """Answer every prompt through the trial's weights and cache, and score the answers, and
+    how faithfully the baseline's answer is followed."""
     prefill_tokens = prefill_s = decode_steps = decode_s = 0.0
     reused = 0  # prefills replayed from a recorded forward pass (kvpareto.prefill_reuse)
     cached_tokens = cached_bits = 0.0  # for the mean KV bits, token-weighted over prompts
-    for task, sample in prompts:
+    for prompt in prompts:
+        task, sample = prompt.task, prompt.sample
         ids = torch.tensor([sample.input_ids])
-        gen = generate(loaded.model, loaded.tokenizer, ids, config, task.max_new_tokens)
+        gen = generate(
+            loaded.model,
+            loaded.tokenizer,
+            ids,
+            config,
+            task.max_new_tokens,
+            logprobs=True,
+            follow=prompt.baseline.tokens,
+        )
         correct = task.score(sample, gen.text)
-        outcomes.add(task, correct, {**sample.meta, **task.details(sample, gen.text)})
+        facts = {**sample.meta, **task.details(sample, gen.text)}
+        outcomes.add(task, correct, facts, compare(prompt.baseline, gen.answer_logprobs))
         prefill_tokens += gen.prompt_tokens
         prefill_s += gen.prefill_s
         decode_steps += gen.decode_steps
@@ -181,13 +211,13 @@ class _MemoryAt:
 def _measure_memory(
     loaded: LoadedModel,
     config: Config,
-    prompts: list[tuple[Task, Sample]],
+    prompts: list[_Prompt],
     lengths: list[int],
     memory_length: int | None,
 ) -> _MemoryAt:
     """Memory at `memory_length` tokens, or at the longest prompt. Tasks that run themselves
     hand back no prompts: without any, memory is taken at the longest context length."""
-    longest = max((s.input_ids for _, s in prompts), key=len, default=None)
+    longest = max((p.sample.input_ids for p in prompts), key=len, default=None)
     memory_prompt = longest
     memory_length = memory_length or (None if longest else max(lengths))
     if memory_length:
@@ -229,6 +259,7 @@ def _assemble(
         accuracy=sum(hits) / len(hits),
         accuracy_ci=mean_interval(hits),
         n=len(hits),
+        fidelity=_fidelity(outcomes.fidelity),
         nominal_kv_bits=run.nominal_kv_bits,
         effective_kv_bits=memory.effective_kv_bits,
         context_lengths=plan.lengths,
@@ -246,7 +277,22 @@ def _assemble(
     )
 
 
-_REFERENCES: dict[tuple, str] = {}
+def _fidelity(samples: list[AnswerFidelity]) -> Fidelity | None:
+    """Means over the samples, with bootstrap intervals (the scores are continuous); None for a
+    trial whose tasks all run themselves."""
+    if not samples:
+        return None
+    kld, logprob = [s.kld for s in samples], [s.answer_logprob for s in samples]
+    return Fidelity(
+        kld=sum(kld) / len(kld),
+        kld_ci=bootstrap(kld),
+        answer_logprob=sum(logprob) / len(logprob),
+        answer_logprob_ci=bootstrap(logprob),
+        n=len(samples),
+    )
+
+
+_BASELINE_ANSWERS: dict[tuple, tuple[str, Reference]] = {}
 _BASELINE_PERPLEXITY: dict[tuple, float] = {}
 
 
@@ -268,14 +314,19 @@ def _ppl(model, ids: torch.Tensor, config: Config) -> float:
     return math.exp(-logprobs.mean().item())
 
 
-def _reference(loaded: LoadedModel, task, sample) -> str:
-    """The 16-bit cache's greedy continuation of a prompt, computed once per model and prompt."""
+def _baseline_answer(loaded: LoadedModel, task, sample) -> tuple[str, Reference]:
+    """The 16-bit cache's greedy continuation of a prompt on the unquantized model, as text and
+    as a fidelity `Reference`; computed once per model and prompt in a process and held in
+    memory (a reference is a few kB), so every trial's figures depend on the prompt alone."""
     key = (loaded.model_hash, task.name, task.version, tuple(sample.input_ids))
-    if key not in _REFERENCES:
+    if key not in _BASELINE_ANSWERS:
         ids = torch.tensor([sample.input_ids])
-        gen = generate(loaded.model, loaded.tokenizer, ids, Config(), task.max_new_tokens)
-        _REFERENCES[key] = gen.text
-    return _REFERENCES[key]
+        gen = generate(
+            loaded.model, loaded.tokenizer, ids, Config(), task.max_new_tokens, logprobs=True
+        )
+        reference = Reference.from_logprobs(gen.new_tokens, gen.answer_logprobs)
+        _BASELINE_ANSWERS[key] = gen.text, reference
+    return _BASELINE_ANSWERS[key]
 
 
 def _memory(loaded: LoadedModel, config: Config, prompt: list[int]) -> tuple[Memory, float]:

@@ -32,6 +32,7 @@ drop the right tokens), llama-style attention modules (q_proj, RoPE) for the pro
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections.abc import Callable
@@ -313,6 +314,20 @@ class AdaptiveKVCache(KVCache):
 
     def close(self) -> None:
         self._hooks.remove()
+
+    def fork(self) -> AdaptiveKVCache:
+        """A copy of the pools and counts that shares the controller and observer, with hooks of
+        its own on the same model."""
+        hooks, self._hooks = self._hooks, None
+        try:
+            twin = copy.deepcopy(
+                self, {id(self.controller): self.controller, id(self.observer): self.observer}
+            )
+        finally:
+            self._hooks = hooks
+        twin._hooks = hooks.for_cache(twin)
+        weakref.finalize(twin, twin._hooks.remove)
+        return twin
 
     def modeled_nbytes(self, total: int, batch: int = 1) -> int:
         """Modeled: the closed form of the per-width quotas after `total` tokens."""

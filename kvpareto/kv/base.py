@@ -10,6 +10,7 @@ bytes x 8 / values is the effective bits a cached value costs.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 
 import torch
@@ -80,6 +81,13 @@ class KVCache(Cache, ABC):
     def mean_bits(self) -> float:
         """The mean code width of a cached K/V value, without scales, zeros or slack (each scheme
         says what it averages over)."""
+
+    def fork(self) -> KVCache:
+        """An independent copy of the cache as it stands, to run a second continuation from here
+        (the engine teacher-forces the baseline's answer on one): feeding either leaves the other
+        as it was. A scheme whose cache holds more than tensors and plain values (hooks on the
+        model) says how it is copied."""
+        return copy.deepcopy(self)
 
     def close(self) -> None:
         """Remove what the cache hooked on its model (nothing, unless a scheme says otherwise)."""

@@ -69,6 +69,8 @@ class CacheHooks:
         on_attention: Callable[[object, QueryProbe], None],
         on_input_ids: Callable[[object, torch.Tensor | None], None] | None = None,
     ):
+        self._model = weakref.ref(model)
+        self._callbacks = (on_attention, on_input_ids)
         hooked = weakref.ref(cache)
 
         def attention(module, args, kwargs):
@@ -90,6 +92,10 @@ class CacheHooks:
             self._handles.append(
                 model.get_decoder().register_forward_pre_hook(decoder, with_kwargs=True)
             )
+
+    def for_cache(self, cache) -> CacheHooks:
+        """The same hooks, on the same model, for another cache (a fork of this one's)."""
+        return CacheHooks(self._model(), cache, *self._callbacks)
 
     def remove(self) -> None:
         for handle in self._handles:

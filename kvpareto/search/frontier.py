@@ -6,14 +6,21 @@ Pure functions over plain points, so they are easy to check by hand:
 - `hypervolume`: the area dominated by the front, in normalized units: memory as a fraction of
   the baseline's total memory, accuracy as a fraction. The reference point is (1.1, 0.0): 10%
   more memory than the baseline, zero accuracy. Points past the reference add nothing;
-- `knee`: where giving up more memory stops buying much accuracy (defined at `knee`);
-- `indistinguishable`: front points whose accuracy interval overlaps that of a cheaper front
-  point, so the data cannot tell them apart from the cheaper one.
+- `indistinguishable`: front points that the paired test on their samples cannot tell apart
+  from some cheaper front point (`told_apart`);
+- `knee`: the cheapest front point that no costlier one beats by that test: past it, more memory
+  buys no accuracy the samples can show.
+
+Points are compared sample by sample (`search.paired`), not by whether their independent
+intervals overlap: two configs that are right on the same samples are the same config as far
+as the data goes, however wide each one's own interval is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from kvpareto.search.paired import Outcomes, versus
 
 REFERENCE = (1.1, 0.0)
 
@@ -24,6 +31,7 @@ class Point:
     memory: float  # bytes
     accuracy: float
     ci: tuple[float, float] = (0.0, 1.0)
+    outcomes: Outcomes = ()  # per-sample scores by sample id (`search.paired.outcomes`)
 
 
 def dominates(a: Point, b: Point) -> bool:
@@ -60,36 +68,24 @@ def hypervolume(front: list[Point], baseline_memory: float, reference=REFERENCE)
     return area
 
 
+def told_apart(a: Point, b: Point) -> bool:
+    """Whether the paired test on their samples separates a and b at the 5% level
+    (`stats.PairedDelta.distinct`); points that cannot be paired cannot be told apart."""
+    delta = versus(a.outcomes, b.outcomes)
+    return delta is not None and delta.distinct
+
+
 def knee(front: list[Point]) -> Point | None:
-    """The front point farthest above the chord joining the front's two ends, on axes scaled
-    min-max over the front (memory and accuracy each from 0 at the front's lowest to 1 at its
-    highest), so that neither unit (bytes, fraction) nor the front's extent weighs on the pick.
-
-    On those axes the chord runs from (0, 0) to (1, 1), and a point's distance above it is
-    proportional to accuracy minus memory. A knee is a bend: with no point strictly above the
-    chord (one point, two points, or collinear ones) the trade-off is a straight line, every
-    point of it as good a buy as the next, and there is no knee (None).
+    """The cheapest front point that no costlier front point beats by the paired test
+    (`told_apart`; on a front, a costlier point is the more accurate one). Past it, giving up
+    memory buys no accuracy the samples can show. None for a front of fewer than two points,
+    which has no trade-off to read.
     """
-    if not front:
+    if len(front) < 2:
         return None
-    memories, accuracies = [p.memory for p in front], [p.accuracy for p in front]
-
-    def scaled(value: float, values: list[float]) -> float:
-        low, high = min(values), max(values)
-        return (value - low) / (high - low) if high > low else 0.0
-
-    def above(p: Point) -> float:
-        return scaled(p.accuracy, accuracies) - scaled(p.memory, memories)
-
-    best = max(front, key=above)
-    # Collinear points sit on the chord up to rounding.
-    return best if above(best) > 1e-9 else None
+    return next(p for i, p in enumerate(front) if not any(told_apart(q, p) for q in front[i + 1 :]))
 
 
 def indistinguishable(front: list[Point]) -> set[str]:
-    """Keys of front points whose CI overlaps the CI of some cheaper front point."""
-    marked = set()
-    for i, p in enumerate(front):
-        if any(q.ci[1] >= p.ci[0] for q in front[:i]):
-            marked.add(p.key)
-    return marked
+    """Keys of front points that the paired test cannot tell apart from some cheaper one."""
+    return {p.key for i, p in enumerate(front) if any(not told_apart(p, q) for q in front[:i])}

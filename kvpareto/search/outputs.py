@@ -1,10 +1,13 @@
 """What a study leaves on disk under `results/<model>/<study>/`, and the frontier summary.
 
-- `trials.parquet` and `trials.csv`: one row per trial (config columns, accuracy and CI, memory
-  parts measured and modeled, timing, held-out perplexity and its change from the 16-bit
-  baseline when measured, status, error, whether it came from the trial cache);
+- `trials.parquet` and `trials.csv`: one row per trial (config columns, accuracy and CI, its
+  difference from the 16-bit baseline paired on the same samples with its CI and McNemar p,
+  the fidelity scores (KLD, answer log-probability) with their CIs, memory parts measured and
+  modeled, timing, held-out perplexity and its change from the baseline when measured, status,
+  error, whether it came from the trial cache);
 - `frontier.json`: the Pareto-optimal feasible trials, cheapest first, with the baseline, the knee,
-  the "indistinguishable" marks and the hypervolume;
+  the "indistinguishable" marks (both from the paired test, `search.frontier`) and the
+  hypervolume;
 - `study.json` (gathered by `study.study_facts`): the command, versions, seed, space hash,
   hardware, the model's source precision, and the compute dtype (as asked, as resolved on this
   machine, and why) beside the storage dtype.
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from kvpareto.errors import UserError
 from kvpareto.search.frontier import Point, hypervolume, indistinguishable, knee, pareto_front
+from kvpareto.search.paired import outcomes, versus
 
 # A FAIL trial with no recorded error: its worker died mid-trial (`study.Search.prepare`).
 INTERRUPTED = "interrupted: its worker stopped mid-trial"
@@ -58,6 +62,11 @@ def trial_rows(study) -> list[dict]:
             "accuracy": figures.accuracy,
             "accuracy_lo": figures.accuracy_ci[0],
             "accuracy_hi": figures.accuracy_ci[1],
+            # Paired with the baseline's outcomes on the same samples (`_against_baseline`).
+            "delta_accuracy": None,
+            "delta_accuracy_lo": None,
+            "delta_accuracy_hi": None,
+            "mcnemar_p": None,
             "feasible": all(v <= 0 for v in t.constraints.values())
             if t.state.name == "COMPLETE"
             else None,
@@ -76,6 +85,8 @@ def trial_rows(study) -> list[dict]:
             # Held-out perplexity, when the study measures it: a metric beside accuracy.
             "perplexity": ppl.value if ppl else None,
             "delta_perplexity": ppl.delta_vs_baseline if ppl else None,
+            # Fidelity to the baseline's answers (`kvpareto.fidelity`), means over the samples.
+            **_fidelity_columns(figures.fidelity),
             # Per-sample outcomes (task, length, depth, correct), for the report's heatmaps.
             "samples_json": json.dumps(list(figures.samples)),
         }
@@ -88,7 +99,35 @@ def trial_rows(study) -> list[dict]:
 
             row["config_key"] = Config.from_dict(config).key()
         rows.append(row)
+    _against_baseline(rows)
     return rows
+
+
+def _fidelity_columns(fidelity) -> dict:
+    columns = {}
+    for name in ("kld", "answer_logprob"):
+        low, high = getattr(fidelity, f"{name}_ci") if fidelity else (None, None)
+        value = getattr(fidelity, name) if fidelity else None
+        columns |= {name: value, f"{name}_lo": low, f"{name}_hi": high}
+    return columns
+
+
+def _against_baseline(rows: list[dict]) -> None:
+    """Fill each complete trial's accuracy difference from the baseline, paired on the same
+    samples (`search.paired`); left empty where there is no complete baseline, or the trial's
+    samples are not the baseline's."""
+    baseline = next((r for r in rows if r["state"] == "COMPLETE" and is_baseline(r)), None)
+    if baseline is None:
+        return
+    base = outcomes(json.loads(baseline["samples_json"]))
+    for row in rows:
+        if row["state"] != "COMPLETE":
+            continue
+        delta = versus(outcomes(json.loads(row["samples_json"])), base)
+        if delta is not None:
+            row["delta_accuracy"] = delta.delta
+            row["delta_accuracy_lo"], row["delta_accuracy_hi"] = delta.ci
+            row["mcnemar_p"] = delta.p
 
 
 def frontier_summary(rows: list[dict]) -> dict:
@@ -99,7 +138,13 @@ def frontier_summary(rows: list[dict]) -> dict:
     for r in sorted(feasible, key=lambda r: r["trial"]):
         by_key.setdefault(r["config_key"], r)  # one point per distinct config
     points = [
-        Point(k, r["total_bytes"], r["accuracy"], (r["accuracy_lo"], r["accuracy_hi"]))
+        Point(
+            k,
+            r["total_bytes"],
+            r["accuracy"],
+            (r["accuracy_lo"], r["accuracy_hi"]),
+            outcomes(json.loads(r["samples_json"])),
+        )
         for k, r in by_key.items()
     ]
     baseline = next((r for r in done if is_baseline(r)), None)
@@ -138,7 +183,14 @@ def frontier_summary(rows: list[dict]) -> dict:
                 "memory_reduction": 1 - p.memory / base_mem,
                 "accuracy": p.accuracy,
                 "accuracy_ci": list(p.ci),
-                "delta_accuracy": p.accuracy - baseline["accuracy"] if baseline else None,
+                # vs the baseline, paired on the same samples (None where they cannot be)
+                "delta_accuracy": r["delta_accuracy"],
+                "delta_accuracy_ci": _interval(r, "delta_accuracy"),
+                "mcnemar_p": r["mcnemar_p"],
+                "kld": r["kld"],
+                "kld_ci": _interval(r, "kld"),
+                "answer_logprob": r["answer_logprob"],
+                "answer_logprob_ci": _interval(r, "answer_logprob"),
                 "perplexity": r.get("perplexity"),
                 "delta_perplexity": r.get("delta_perplexity"),
                 "knee": knee_point is not None and p.key == knee_point.key,
@@ -169,6 +221,11 @@ def frontier_summary(rows: list[dict]) -> dict:
 def row_config(row: dict) -> dict:
     """A trial row's config values (its `cfg_` columns) as plain data, for `Config.from_dict`."""
     return {k[4:]: _plain(v) for k, v in row.items() if k.startswith("cfg_")}
+
+
+def _interval(row: dict, name: str) -> list[float] | None:
+    low, high = row[f"{name}_lo"], row[f"{name}_hi"]
+    return None if low is None else [low, high]
 
 
 def _plain(value):

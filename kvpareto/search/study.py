@@ -1,8 +1,10 @@
 """`kvpareto search`: a multi-objective Optuna study per model over a search space.
 
-Each trial is one Config evaluated by `evaluation.trial.run_trial`: objectives are total memory in
-MB at the declared context length (minimize) and mean accuracy (maximize), optionally decode
-latency. The memory budget is a constraint, set with `trial.set_constraint` (feasible when <= 0).
+Each trial is one Config evaluated by `evaluation.trial.run_trial`: objectives are two or three of
+total memory in MB at the declared context length (minimize), mean accuracy (maximize), mean KLD
+from the 16-bit baseline's answers (minimize, `kvpareto.fidelity`) and decode latency (minimize);
+memory and accuracy by default. The memory budget is a constraint, set with
+`trial.set_constraint` (feasible when <= 0).
 
 Reliability rules:
 - Baselines are enqueued first: the 16-bit cache, the space's own `baselines`, then `--baseline`
@@ -41,7 +43,13 @@ from kvpareto.search.samplers import SAMPLERS, enqueue_fixed, make_sampler
 from kvpareto.search.space import SearchSpace
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
 
-OBJECTIVES = ("memory", "accuracy", "latency")
+# Each objective's direction, in the order a study lists them.
+OBJECTIVES = {
+    "memory": "minimize",
+    "accuracy": "maximize",
+    "kld": "minimize",
+    "latency": "minimize",
+}
 
 
 @dataclass
@@ -72,13 +80,7 @@ class SearchSettings:
         if self.sampler not in SAMPLERS:
             choices = ", ".join(SAMPLERS.names())
             raise UserError(f"--sampler must be one of {choices}; got {self.sampler!r}")
-        bad = [o for o in self.objectives if o not in OBJECTIVES]
-        if (
-            bad
-            or self.objectives[:2] != ["memory", "accuracy"]
-            or len(set(self.objectives)) != len(self.objectives)
-        ):
-            raise UserError("--objectives must be memory,accuracy or memory,accuracy,latency")
+        self._validate_objectives()
         if self.trials < 1:
             raise UserError(f"--trials must be at least 1; got {self.trials}")
         if self.workers < 1:
@@ -105,6 +107,26 @@ class SearchSettings:
         if limit and self.context_length + 32 > limit:
             raise UserError(
                 f"--context-length {self.context_length} does not fit {self.model} (max {limit})"
+            )
+
+    def _validate_objectives(self) -> None:
+        ordered = [o for o in OBJECTIVES if o in self.objectives]
+        if (
+            ordered != self.objectives
+            or not 2 <= len(ordered) <= 3
+            or not {"accuracy", "kld"} & set(ordered)
+        ):
+            raise UserError(
+                "--objectives takes two or three of memory, accuracy, kld, latency, in that "
+                "order, with accuracy or kld among them (e.g. memory,accuracy or memory,kld); "
+                f"got {','.join(self.objectives)}"
+            )
+        from kvpareto.evaluation import get_task
+
+        if "kld" in self.objectives and all(get_task(t).runs_itself for t in self.tasks):
+            raise UserError(
+                "--objectives kld needs a task that hands out its prompts (lm-eval tasks "
+                "score themselves, with no baseline answer to follow)"
             )
 
     @cached_property
@@ -177,9 +199,7 @@ class Search:
             "postgresql"
         )
         storage = resolve_storage(settings.storage, self.dir, settings.workers)
-        directions = ["minimize", "maximize"] + (
-            ["minimize"] if "latency" in settings.objectives else []
-        )
+        directions = [OBJECTIVES[name] for name in settings.objectives]
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures show in our table
         self.study = optuna.create_study(
             study_name=f"{settings.study}:{settings.model}",
@@ -282,10 +302,13 @@ class Search:
         memory_mb = result.memory.measured.total_bytes / 1e6
         budget = self.s.budget_mb
         trial.set_constraint("memory_budget_mb", memory_mb - budget if budget else -1.0)
-        values = [memory_mb, result.accuracy]
-        if "latency" in self.s.objectives:
-            values.append(result.timing.decode_ms_per_token or 0.0)
-        return values
+        values = {
+            "memory": memory_mb,
+            "accuracy": result.accuracy,
+            "kld": result.fidelity.kld if result.fidelity else None,
+            "latency": result.timing.decode_ms_per_token or 0.0,
+        }
+        return [values[name] for name in self.s.objectives]
 
     def _result(self, trial, config: Config) -> TrialResult:
         """The trial cache's result for `config`, or a fresh trial's, then cached."""
