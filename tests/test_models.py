@@ -137,3 +137,29 @@ def test_unknown_model_is_one_line_and_exit_code_2(args):
     assert len(done.stderr.strip().splitlines()) == 1
     if "no-such-model" in args:
         assert "smollm2-135m" in done.stderr and "tiny-llama" in done.stderr
+
+
+def test_concat_locator_joins_parts_whose_pattern_holds_a_colon(tmp_path, monkeypatch):
+    """The Qwen locator's part pattern ("part{i:02d}.bin") holds ":" itself; the parts are
+    concatenated in order and the result verified."""
+    import hashlib
+    import importlib
+
+    from kvpareto.models.catalog import PackagedGGUF
+
+    parts = [b"first part;", b"second part"]
+    for i, data in enumerate(parts, start=1):
+        (tmp_path / f"fake_part{i}" / "data").mkdir(parents=True)
+        (tmp_path / f"fake_part{i}" / "__init__.py").write_text("")
+        (tmp_path / f"fake_part{i}" / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    gguf = PackagedGGUF(
+        packages=(),
+        sha256=hashlib.sha256(b"".join(parts)).hexdigest(),
+        filename="joined.gguf",
+        locator="concat:fake_part:data/part{i:02d}.bin:2",
+    )
+    assert loader.sources.packages_installed(gguf)
+    path = loader.sources.materialize(gguf, tmp_path / "out")
+    assert path.read_bytes() == b"".join(parts)

