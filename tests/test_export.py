@@ -64,13 +64,18 @@ def test_eval_runs_an_exported_config_under_its_key(tmp_path):
     )
 
 
+def _without_knee(frontier: dict) -> dict:
+    for entry in frontier["frontier"]:
+        entry["knee"] = False
+    return frontier
+
+
 def test_knee_is_the_default_point_and_a_missing_knee_or_label_is_a_user_error():
     frontier = _frontier()
-    assert not any(e["knee"] for e in frontier["frontier"])
-    with pytest.raises(UserError, match="no knee"):
-        pick_point(frontier, "knee")
-    frontier["frontier"][1]["knee"] = True
+    assert [e["knee"] for e in frontier["frontier"]] == [False, True]
     assert pick_point(frontier, "knee") is frontier["frontier"][1]
+    with pytest.raises(UserError, match="no knee"):
+        pick_point(_without_knee(frontier), "knee")
     with pytest.raises(UserError, match="w16-k4v2-tok-g32-r16-c128"):
         pick_point(frontier, "w16-k3v3")
 
@@ -157,7 +162,7 @@ def test_transformers_takes_hqq_for_8_bits_and_no_cache_for_16(tmp_path):
 CASES = [
     ("no study", ["export", "{tmp}"], "no finished study"),
     ("unknown point", ["export", str(GOLDEN), "--point", "w9"], "no frontier point"),
-    ("no knee", ["export", str(GOLDEN)], "no knee"),
+    ("no knee", ["export", "{tmp}/study"], "no knee"),
     ("bad format", ["export", str(GOLDEN), "--format", "gguf"], "--format"),
 ]
 
@@ -165,6 +170,10 @@ CASES = [
 @pytest.mark.parametrize("name,args,word", CASES, ids=[c[0] for c in CASES])
 def test_bad_export_input_is_one_line_and_exit_2(tmp_path, name, args, word):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if name == "no knee":  # a study whose frontier has none
+        folder, _ = _study_with(tmp_path)
+        frontier = _without_knee(json.loads((folder / "frontier.json").read_text()))
+        (folder / "frontier.json").write_text(json.dumps(frontier))
     done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert len(done.stderr.strip().splitlines()) == 1 and word in done.stderr, done.stderr

@@ -8,8 +8,8 @@ Pure functions over plain points, so they are easy to check by hand:
   more memory than the baseline, zero accuracy. Points past the reference add nothing;
 - `indistinguishable`: front points that the paired test on their samples cannot tell apart
   from some cheaper front point (`told_apart`);
-- `knee`: the cheapest front point that no costlier one beats by that test: past it, more memory
-  buys no accuracy the samples can show.
+- `knee`: the cheapest front point the samples show to be within `KNEE_MARGIN` of the front's
+  most accurate point (a paired non-inferiority test): the point to deploy.
 
 Points are compared sample by sample (`search.paired`), not by whether their independent
 intervals overlap: two configs that are right on the same samples are the same config as far
@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from kvpareto.search.paired import Outcomes, versus
 
 REFERENCE = (1.1, 0.0)
+# The accuracy a knee may give up against the front's most accurate point, at most (the KV Pareto
+# paper reports its reductions at 1-3 points of loss).
+KNEE_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,22 @@ def told_apart(a: Point, b: Point) -> bool:
 
 
 def knee(front: list[Point]) -> Point | None:
-    """The cheapest front point that no costlier front point beats by the paired test
-    (`told_apart`; on a front, a costlier point is the more accurate one). Past it, giving up
-    memory buys no accuracy the samples can show. None for a front of fewer than two points,
-    which has no trade-off to read.
+    """The cheapest front point whose paired 95% interval against the front's most accurate
+    point (its costliest) lies above -`KNEE_MARGIN`: the samples show it gives up at most the
+    margin. A non-inferiority test, not "no significant difference": with few samples no
+    cheaper point passes and the knee is the most accurate point itself, because the data
+    cannot vouch for a cheaper one (a test that merely fails to tell two points apart would
+    pick the cheapest point of a small sample, however much it loses). None for a front of
+    fewer than two points, which has no trade-off to read.
     """
     if len(front) < 2:
         return None
-    return next(p for i, p in enumerate(front) if not any(told_apart(q, p) for q in front[i + 1 :]))
+    best = front[-1]
+    for p in front[:-1]:
+        delta = versus(p.outcomes, best.outcomes)
+        if delta is not None and delta.ci[0] >= -KNEE_MARGIN:
+            return p
+    return best
 
 
 def indistinguishable(front: list[Point]) -> set[str]:
