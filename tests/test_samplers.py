@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from kvpareto.config import Config, canonical
-from kvpareto.search.samplers import _StudyView, enqueue_fixed, make_sampler
+from kvpareto.search.samplers import _StudyView, enqueue_fixed, make_sampler, trial_config
 from kvpareto.search.space import load_space
 
 # 16 bits and chunk 0 are outside this space: the 16-bit baseline cannot be expressed in it
@@ -37,9 +37,7 @@ def _run(space, sampler: str, seed: int, trials: int, baselines: list[Config]) -
     labels = []
     for _ in range(trials):
         trial = study.ask()
-        fixed = trial.user_attrs.get("fixed_config")
-        in_space = not fixed or trial.user_attrs["in_space"]
-        config = space.suggest(trial) if in_space else Config.from_dict(fixed)
+        config = trial_config(trial, space)
         study.tell(trial, [config.k_bits + config.v_bits, config.k_bits * 2 + config.v_bits])
         labels.append(config.label())
     return labels, study

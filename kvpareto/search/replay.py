@@ -23,7 +23,7 @@ from pathlib import Path
 from kvpareto.config import Config, canonical
 from kvpareto.errors import UserError
 from kvpareto.search.frontier import Point, hypervolume, pareto_front
-from kvpareto.search.samplers import enqueue_fixed, make_sampler
+from kvpareto.search.samplers import enqueue_fixed, make_sampler, trial_config
 from kvpareto.search.space import SearchSpace, load_space
 
 FRACTIONS = (0.1, 0.2, 0.4)  # of the grid's configs: where the hypervolume ratio is read
@@ -114,24 +114,20 @@ def replay(table: GridTable, sampler: str, seed: int, budgets: list[int]) -> lis
     )
     # baselines first, as Search.prepare enqueues them
     enqueue_fixed(study, table.space, [canonical(Config()), *table.space.baselines])
-    seen: set[str] = set()
-    found: list[str] = []  # distinct keys in the order the sampler found them
+    found: dict[str, None] = {}  # distinct keys, in the order the sampler found them
     for _ in range(REPEAT_LIMIT * max(budgets)):
         if len(found) >= max(budgets):
             break
         trial = study.ask()
-        fixed = trial.user_attrs.get("fixed_config")
-        in_space = not fixed or trial.user_attrs["in_space"]
-        config = table.space.suggest(trial) if in_space else Config.from_dict(fixed)
+        config = trial_config(trial, table.space)
         point = table.points.get(config.key())
         if point is None:
             raise UserError(f"{table.name}: the grid table lacks {config.label()}")
         study.tell(trial, [point.memory / 1e6, point.accuracy])
-        if point.key not in seen:
-            seen.add(point.key)
-            found.append(point.key)
+        found.setdefault(point.key)
     whole = table.hypervolume()
-    return [table.hypervolume(found[:budget]) / whole for budget in budgets]
+    keys = list(found)
+    return [table.hypervolume(keys[:budget]) / whole for budget in budgets]
 
 
 def sampler_table(

@@ -72,6 +72,19 @@ def enqueue_fixed(study, space: SearchSpace, configs: list[Config], n_layers: in
         study.enqueue_trial(params or {}, user_attrs=attrs)
 
 
+def trial_config(trial, space: SearchSpace, n_layers: int = 0) -> Config:
+    """The config a trial evaluates: its fixed config, or the space's suggestion. A fixed config
+    the space expresses is suggested too (its enqueued params come back), so the trial holds
+    params the sampler can learn from."""
+    fixed = trial.user_attrs.get("fixed_config")
+    if fixed and not trial.user_attrs.get("in_space"):  # also fixed trials of older studies
+        return Config.from_dict(fixed)
+    config = space.suggest(trial, n_layers)
+    if fixed and config.key() != Config.from_dict(fixed).key():
+        raise RuntimeError(f"enqueued {fixed} came back as {config.label()}")
+    return config
+
+
 def _hidden(trial) -> bool:
     """A fixed config run without params (the space could not express it, or the study was
     made before fixed configs carried params): nothing to learn from."""

@@ -39,7 +39,7 @@ from kvpareto.config import Config, canonical
 from kvpareto.errors import UserError
 from kvpareto.evaluation.result import TrialResult
 from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
-from kvpareto.search.samplers import SAMPLERS, enqueue_fixed, make_sampler
+from kvpareto.search.samplers import SAMPLERS, enqueue_fixed, make_sampler, trial_config
 from kvpareto.search.space import SearchSpace
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
 
@@ -282,13 +282,7 @@ class Search:
         return self.loaded.model.config.get_text_config().num_hidden_layers
 
     def objective(self, trial):
-        fixed = trial.user_attrs.get("fixed_config")
-        if fixed and not trial.user_attrs.get("in_space"):
-            config = Config.from_dict(fixed)
-        else:  # a fixed config the space expresses is asked too, so the trial holds its params
-            config = self.space.suggest(trial, self._n_layers())
-            if fixed and config.key() != Config.from_dict(fixed).key():
-                raise RuntimeError(f"enqueued {fixed} came back as {config.label()}")
+        config = trial_config(trial, self.space, self._n_layers())
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("label", config.label())
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
