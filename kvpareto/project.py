@@ -19,8 +19,6 @@ from kvpareto.errors import UserError
 from kvpareto.search.outputs import StudyFolder, frontier_summary, row_config
 
 PARTS = ("weights_bytes", "kv_bytes", "activation_peak_bytes", "total_bytes")
-# Room left for the answer after the prompt, as `search` leaves it.
-ANSWER_ROOM = 32
 
 
 @dataclass(frozen=True)
@@ -31,15 +29,6 @@ class Projection:
     budget_mb: float | None
     memory: str  # "measured" (the study's own figures) or "modeled"
     summary: dict  # `frontier_summary` of the projected rows; each entry says its memory source
-
-
-def check_fits(model: str, length: int, limit: int) -> None:
-    """A one-line error when `length` tokens (and the answer) exceed the model's context."""
-    if limit and length + ANSWER_ROOM > limit:
-        raise UserError(
-            f"--context-length {length} does not fit {model} (max {limit} tokens, "
-            f"{ANSWER_ROOM} of them left for the answer)"
-        )
 
 
 def project(

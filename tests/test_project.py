@@ -15,8 +15,9 @@ from kvpareto.config import Config
 from kvpareto.errors import UserError
 from kvpareto.memory.projection import modeled_memory, shell_model
 from kvpareto.models import load_config
-from kvpareto.project import check_fits, project
+from kvpareto.project import project
 from kvpareto.search.outputs import read_study, row_config
+from kvpareto.search.study import check_fits
 from tests.conftest import CLI
 
 GOLDEN = Path(__file__).parent / "data" / "golden_smoke"

@@ -33,8 +33,9 @@ def project_command(
 
     from kvpareto.memory.projection import modeled_memory, shell_model
     from kvpareto.models import load_config
-    from kvpareto.project import check_fits, most_accurate, project
+    from kvpareto.project import most_accurate, project
     from kvpareto.search.outputs import read_study
+    from kvpareto.search.study import check_fits
 
     if budget_mb is not None and not budget_mb > 0:
         raise UserError(f"--budget-mb must be a positive number of MB; got {budget_mb}")

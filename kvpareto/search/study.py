@@ -52,6 +52,19 @@ OBJECTIVES = {
 }
 
 
+# Room left for the answer after the prompt: a context length must leave it free.
+ANSWER_ROOM = 32
+
+
+def check_fits(model: str, length: int, limit: int) -> None:
+    """A one-line error when `length` tokens (and the answer) exceed the model's context."""
+    if limit and length + ANSWER_ROOM > limit:
+        raise UserError(
+            f"--context-length {length} does not fit {model} (max {limit} tokens, "
+            f"{ANSWER_ROOM} of them left for the answer)"
+        )
+
+
 @dataclass
 class SearchSettings:
     model: str
@@ -104,10 +117,7 @@ class SearchSettings:
 
         kind, spec = resolve_ref(self.model)
         limit = spec.max_context if kind == "catalog" else 0
-        if limit and self.context_length + 32 > limit:
-            raise UserError(
-                f"--context-length {self.context_length} does not fit {self.model} (max {limit})"
-            )
+        check_fits(self.model, self.context_length, limit)
 
     def _validate_objectives(self) -> None:
         ordered = [o for o in OBJECTIVES if o in self.objectives]
@@ -257,10 +267,7 @@ class Search:
             dtype=getattr(torch, self.s.compute.name),
             storage_dtype=getattr(torch, self.s.storage_dtype),
         )
-        limit = self.loaded.spec.max_context
-        if limit and self.s.context_length + 32 > limit:
-            length = self.s.context_length
-            raise UserError(f"--context-length {length} does not fit {self.s.model} (max {limit})")
+        check_fits(self.s.model, self.s.context_length, self.loaded.spec.max_context)
         self._leave_out_source_grid()
 
     def _leave_out_source_grid(self) -> None:
