@@ -41,6 +41,12 @@ def test_tiny_models_are_seeded_and_identical_across_builds():
         assert torch.equal(pa, pb)
 
 
+def test_the_cli_default_model_is_the_catalog_default():
+    from kvpareto.cli import options
+
+    assert options.DEFAULT_MODEL == DEFAULT_MODEL
+
+
 def test_catalog_json_round_trips_through_the_cli():
     done = subprocess.run([*CLI, "models", "--json"], capture_output=True, text=True, check=True)
     rows = json.loads(done.stdout)

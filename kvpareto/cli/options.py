@@ -20,6 +20,8 @@ from kvpareto.errors import UserError
 from kvpareto.hardware import COMPUTE_DTYPES, STORAGE_DTYPES, dtype_choice, resolve_compute_dtype
 from kvpareto.knobs import KNOBS
 
+# The catalog's default model, restated: importing kvpareto.models loads torch (seconds), and
+# --help must stay instant. tests/test_models.py checks the two agree.
 DEFAULT_MODEL = "smollm2-135m"
 _DTYPE_HELP = (
     "Compute dtype: auto (bfloat16 on CUDA or a CPU with native bf16, else float32), "
