@@ -110,6 +110,7 @@ def test_verify_runs_the_most_accurate_points_at_the_new_length(tmp_path):
     labels = [r["label"] for r in read_study(folder).rows]
     assert labels[:2] == ["w16-k16v16-c0", "w16-k4v4-tok-g32-r0-c128"]  # then the baseline file
     args = [*CLI, "project", str(folder), "--context-length", "512", "--verify", "2", "--json"]
+    args += ["--verify-samples", "1"]
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
@@ -121,6 +122,7 @@ def test_verify_runs_the_most_accurate_points_at_the_new_length(tmp_path):
         assert checked["modeled"]["total_bytes"] == projected["total_bytes"]
         assert checked["measured"]["kv_bytes"] == projected["memory"]["kv_bytes"]
         assert 0 <= checked["accuracy"] <= 1
+        assert checked["n"] == 1  # --verify-samples, not the study's 2
 
 
 CASES = [
