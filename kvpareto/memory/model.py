@@ -1,18 +1,25 @@
 """The modeled (analytic) activation peak of a chunked prefill and one decode step, for the
 decoder-only families here; what `memory.measure_prefill` reads from the allocator.
 
-For every prefill chunk of c tokens (p prompt tokens before it, t visible to the widest layer:
-the tokens it stores plus the chunk, a sliding layer at most its window), with e bytes per
-compute element, the peak is the largest of these moments, each derived in its helper:
+For every prefill chunk of c tokens (p prompt tokens before it; each attention pattern, global
+or one sliding window, sees t tokens: those its layers store plus the chunk, a sliding layer at
+most its window), with e bytes per compute element, the peak is the largest of these moments,
+each derived in its helper. Every pattern has its own RoPE table (cos/sin) and, where it needs
+one, its own bool c x t mask, both held through the whole layer stack: a mask is needed past
+the first chunk, and on it only where the chunk reaches a sliding window (else SDPA's
+is_causal does it).
 - RoPE on the chunk: the residual stream (3 h c), q with its two rotated halves and their
-  product, k and cos/sin;
-- the attention call: the residual stream, q and the output, the chunk's k/v, cos/sin; the
-  [history | chunk] K/V the cache hands back (a fresh copy unless every layer is an uncast 16-bit
-  store without a window, read in place, which is KV memory); with a mask (p > 0, or any sliding
-  layer), one bool c x t mask per attention pattern, SDPA's float copy of it, and k/v repeated to
-  every query head (no native grouped-query attention under a mask); and the CPU flash kernel's
-  per-thread score blocks (`_sdpa_scratch`);
-- the MLP: three c x I intermediates, four copies of the residual stream, cos/sin, the masks;
+  product, k, the tables and the masks;
+- q/k normalization, where the model has it (Gemma3): q, k and v as projected, q in fp32 and
+  its square;
+- the attention call of the widest layer kind (`_attention_kinds`, `_attention_call`): the
+  residual stream, q and the output, the chunk's k/v, the tables and masks; the [history |
+  chunk] K and V the cache hands back (a fresh copy of each stream that is quantized, cast,
+  windowed or pruned; else read in place, which is KV memory); with its pattern's mask, SDPA's
+  float copy of it and k/v repeated to every query head (no native grouped-query attention under
+  a mask; a view, not a copy, with one KV head); and the CPU flash kernel's per-thread score
+  blocks (`_sdpa_scratch`);
+- the MLP: three c x I intermediates, four copies of the residual stream, the tables and masks;
 - a quantized cache write: the tokens leaving the tail, gathered, then three fp32 copies;
 - SnapKV scoring: fp32 logits and softmax of the last 32 queries over t keys;
 - packed weights: the widest packed linear on its chunk (its dequantized weight and unpacked
@@ -23,9 +30,11 @@ compute element, the peak is the largest of these moments, each derived in its h
   dequantizes, one block of rows (the packed lookup's rows stay below the stream's bytes);
 - and, once, the decode step after the prompt: each layer rebuilds its whole history in the
   compute dtype (through fp32 when smoothing or rotation must be undone).
-Unchunked prefill has no mask and no repeat, which is why chunking wins twice at long context.
+Unchunked prefill of a global model has no mask and no repeat, which is why chunking wins twice
+at long context.
 No term is fitted. tests/test_memory.py checks measured against modeled over a grid of cache
-configs, chunk sizes, pruning and the four tiny architectures with one tolerance, and on SmolLM2.
+configs, chunk sizes, pruning and the four tiny architectures with one tolerance, on a tiny
+Gemma3 of Gemma3-270M's attention shape (one KV head of 256), and on SmolLM2.
 """
 
 from __future__ import annotations
@@ -51,20 +60,21 @@ def modeled_activation_peak(
     e = torch.finfo(dtype).bits // 8
     casts = storage is not None and storage != dtype
     shape = _Shape(cfg, e, threads or torch.get_num_threads())
-    windows = set(layer_windows(model_config))
+    per_layer = layer_windows(model_config)
+    windows = set(per_layer)
     quantized = [spec for i in range(cfg.num_hidden_layers) for spec in _specs(config, shape, i)]
+    kinds = _attention_kinds(config, shape, per_layer, casts)
     step = config.chunk_size or prompt_len
     stored = _stored_before(config, prompt_len)
-    copies = bool(quantized) or casts or windows != {None}
     peak = _decode_moment(shape, stored[-1], windows, quantized)
     for i, p in enumerate(range(0, prompt_len, step)):
         c = min(step, prompt_len - p)
-        # The widest layer sees the tokens it stores and the chunk; a sliding layer at most its
+        # A global layer sees the tokens it stores and the chunk; a sliding layer at most its
         # window.
-        t = max(stored[i] + c if w is None else min(p, w - 1) + c for w in windows)
+        seen = {w: stored[i] + c if w is None else min(p, w - 1) + c for w in windows}
         peak = max(
             peak,
-            _chunk_moments(shape, config, c, t, p, len(windows), quantized, copies),
+            _chunk_moments(shape, config, c, p, seen, kinds, quantized),
             _weight_moment(cfg, config, c, dtype),
         )
         if casts:
@@ -73,11 +83,16 @@ def modeled_activation_peak(
     return max(peak, _head_moment(cfg, config, last, dtype))
 
 
+# Model types whose attention RMS-normalizes q and k per head, in fp32 (Gemma3's q_norm/k_norm).
+_QK_NORM = ("gemma3",)
+
+
 class _Shape:
     """The sizes the terms are written in: h hidden, inter MLP, H query heads, kv KV heads, d
-    head_dim, e bytes per compute element."""
+    head_dim, e bytes per compute element; whether q and k are normalized (`_QK_NORM`)."""
 
     def __init__(self, cfg, e: int, threads: int):
+        self.qk_norm = cfg.model_type.startswith(_QK_NORM)
         self.h, self.inter = cfg.hidden_size, cfg.intermediate_size
         self.heads = cfg.num_attention_heads
         self.kv = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -102,6 +117,21 @@ def _specs(config: Config, shape: _Shape, layer: int):
     return [s for s in stream_specs(config, layer, shape.d, None, torch.float32) if s.quantized]
 
 
+def _attention_kinds(config: Config, shape: _Shape, windows, casts: bool) -> set:
+    """The distinct (window, copies) of the layers: copies is how many of a layer's K and V
+    the cache hands back as a fresh [history | chunk] tensor, in the compute dtype. A 16-bit
+    stream of the compute dtype without a window is read in place instead (`KVStream.update`),
+    which is KV memory, unless a pruner reads the chunk first (`QuantizedKVLayer.update`)."""
+    from kvpareto.kv.static import stream_specs
+
+    fresh = casts or config.prune_rate > 0
+    return {
+        (w, sum(s.quantized or fresh or w is not None for s in specs))
+        for i, w in enumerate(windows)
+        for specs in [stream_specs(config, i, shape.d, w, torch.float32)]
+    }
+
+
 def _sdpa_scratch(shape: _Shape, c: int, t: int) -> int:
     """The CPU flash-attention kernel's buffers: per thread, a q block of qs rows by a kv block
     of ks columns of fp32 scores plus fp32 row state (d + 2 columns), and a reduced-precision
@@ -113,34 +143,62 @@ def _sdpa_scratch(shape: _Shape, c: int, t: int) -> int:
 
 
 def _chunk_moments(
-    shape: _Shape, config: Config, c: int, t: int, p: int, masks: int, quantized, copies: bool
+    shape: _Shape, config: Config, c: int, p: int, seen: dict, kinds: set, quantized
 ) -> int:
-    """The largest of the moments of one prefill chunk (see the module docstring)."""
+    """The largest of the moments of one prefill chunk (see the module docstring): `seen` maps
+    each attention pattern (window) to the tokens its layers attend to, `kinds` as in
+    `_attention_kinds`."""
     h, inter, heads, kv, d, e = shape.h, shape.inter, shape.heads, shape.kv, shape.d, shape.e
-    # A sliding window needs a mask even on the first chunk.
-    masked = p > 0 or masks > 1
-    bool_masks = masks * c * t if masked else 0
+    t = max(seen.values())
+    # Each pattern has its own RoPE table (cos/sin) and, where it needs one, its own bool mask,
+    # all held through the whole layer stack. The first chunk needs none but where it reaches a
+    # window (transformers' `_ignore_causal_mask_sdpa`: SDPA's is_causal does the rest).
+    masked = {w: p > 0 or (w is not None and c >= w) for w in seen}
+    bool_masks = sum(c * n for w, n in seen.items() if masked[w])
     stream = 3 * h * c * e
-    rope = stream + c * (4 * heads * d + 2 * kv * d + 2 * d) * e
-    at_attention = stream + c * (2 * heads * d + 2 * kv * d + 2 * d) * e + bool_masks
-    # The cache hands back a fresh [history | chunk] tensor unless every layer is a 16-bit store
-    # of the compute dtype with no window, read in place (then it is KV memory, left out).
-    returned = 2 * t * kv * d * e if copies else 0
-    at_attention += returned + _sdpa_scratch(shape, c, t)
-    if masked:
-        # SDPA converts the bool mask to a float one of the compute dtype inside the call, and
-        # without native grouped-query attention under a mask, k/v are repeated to every head.
-        at_attention += c * t * e + (2 * t * heads * d * e if heads > kv else 0)
-    mlp = c * (3 * inter + 4 * h + 2 * d) * e + bool_masks
+    tables = 2 * len(seen) * c * d * e
+    rope = stream + c * (4 * heads * d + 2 * kv * d) * e + tables
+    # The [history | chunk] K/V a layer gets back, where the cache copies it (`_attention_kinds`).
+    returned = max(n * seen[w] * kv * d * e for w, n in kinds)
+    at_attention = stream + c * (2 * heads * d + 2 * kv * d) * e + tables + bool_masks
+    at_attention += max(_attention_call(shape, c, seen[w], n, masked[w]) for w, n in kinds)
+    mlp = c * (3 * inter + 4 * h) * e + tables + bool_masks
     moments = [rope, at_attention, mlp, _scorer_moment(shape, config, c, t, stream)]
+    if shape.qk_norm:
+        # q, k and v as projected, then q in fp32 and its square (Gemma3RMSNorm.forward).
+        fp32 = c * heads * d * 4
+        moments.append(
+            stream + c * (heads * d + 2 * kv * d) * e + tables + bool_masks + fp32 * (1 + (e < 4))
+        )
     if quantized:
         moments.append(
             stream
-            + c * (heads * d + 2 * kv * d + 2 * d) * e
+            + c * (heads * d + 2 * kv * d) * e
+            + tables
             + returned
             + _encode(shape, config, c, p)
         )
     return max(moments)
+
+
+def _attention_call(shape: _Shape, c: int, t: int, copies: int, masked: bool) -> int:
+    """Bytes a layer of one kind adds inside its attention call over t tokens: the K/V the cache
+    handed back (`copies` of them fresh), the kernel's scratch, and with a mask, SDPA's float
+    copy of it (the compute dtype, made inside the call) and k/v repeated to every query head
+    (no native grouped-query attention under a mask; `_repeated`)."""
+    moment = copies * t * shape.kv * shape.d * shape.e + _sdpa_scratch(shape, c, t)
+    if masked:
+        moment += c * t * shape.e + _repeated(shape, t)
+    return moment
+
+
+def _repeated(shape: _Shape, t: int) -> int:
+    """Bytes of k and v repeated from kv to every query head over t tokens (transformers'
+    `repeat_kv`: an expand, then a reshape). With one KV head the reshape only merges a size-1
+    dimension into the expanded one, so it is a view and nothing is copied (Gemma3-270M)."""
+    if shape.kv == 1 or shape.heads == shape.kv:
+        return 0
+    return 2 * t * shape.heads * shape.d * shape.e
 
 
 def _encode(shape: _Shape, config: Config, c: int, p: int) -> int:

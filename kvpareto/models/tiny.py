@@ -44,10 +44,11 @@ _COMMON = dict(
 )
 
 
-def tiny_config(arch: str, tied: bool = True):
+def tiny_config(arch: str, tied: bool = True, **shape):
     """The transformers config of the tiny model of `arch` (`tied`: the LM head is the
-    embedding)."""
-    common = {**_COMMON, "tie_word_embeddings": tied}
+    embedding; `shape`: config fields that replace the common ones, e.g. num_key_value_heads=1
+    and head_dim=256 for Gemma3-270M's attention shape)."""
+    common = {**_COMMON, "tie_word_embeddings": tied, **shape}
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":
@@ -75,10 +76,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny(arch: str, dtype: torch.dtype = torch.float32, tied: bool = True):
+def build_tiny(arch: str, dtype: torch.dtype = torch.float32, tied: bool = True, **shape):
     """Return (model, tokenizer, identity hash) for a tiny random model of `arch`; with
-    `tied=False` its LM head is a matrix of its own, as in models that do not tie it."""
-    config = tiny_config(arch, tied)
+    `tied=False` its LM head is a matrix of its own, as in models that do not tie it; `shape`
+    as in `tiny_config`."""
+    config = tiny_config(arch, tied, **shape)
     config._attn_implementation = "sdpa"
     # Seed a private generator so building a model never disturbs the caller's RNG state.
     with torch.random.fork_rng(devices=[]):
