@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from kvpareto.errors import UserError
 from kvpareto.evaluation.calibration_data import calibration, calibration_ids
 from kvpareto.memory.measure import weights_bytes_measured, weights_bytes_modeled
 from kvpareto.tasks import get_task
+from kvpareto.weights import embedding
 from kvpareto.weights import quantize as weights_module
 from kvpareto.weights.packed_linear import PackedLinear, weight_group
 from kvpareto.weights.quantize import linear_output_errors, quantized_model
@@ -83,6 +86,40 @@ def test_quantized_weights_reload_from_disk_with_identical_outputs(tiny_models, 
     assert second.weights_info.keys() == first.weights_info.keys()
     for kind, scales in first.weights_info.items():
         assert second.weights_info[kind].keys() == scales.keys()
+
+
+def test_awq_is_calibrated_once_across_embed_weights_and_gives_the_same_model(
+    tiny_models, tmp_path, monkeypatch
+):
+    """awq4 with a quantized embedding reuses awq4's decoder (no second calibration), and
+    equals quantizing that table on top of a fresh AWQ run."""
+    loaded = tiny_models["tiny-llama"]
+    awq = weights_module.QUANTIZERS.get("awq4")
+    runs = []
+    original = type(awq).quantize
+
+    def counted(self, *args, **kwargs):
+        runs.append(1)
+        return original(self, *args, **kwargs)
+
+    cfg = Config(weights="awq4", weight_group_size=32, embed_weights="int8")
+    monkeypatch.setenv("KVPARETO_HOME", str(tmp_path))  # an empty weights cache
+    weights_module._LAST.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(awq), "quantize", counted)
+        decoder = quantized_model(loaded, replace(cfg, embed_weights="none"), calibration)
+        for embed in ("int8", "int4"):
+            both = quantized_model(loaded, replace(cfg, embed_weights=embed), calibration)
+        weights_module._LAST.clear()
+        both = quantized_model(loaded, cfg, calibration)  # int8 again, now from the disk
+    assert len(runs) == 1 and both.from_cache
+    fresh = copy.deepcopy(loaded.model)
+    awq.quantize(fresh, 32, calibration(loaded.tokenizer).ids, None)
+    embedding.quantize_embeddings(fresh, "int8")
+    x = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(both.model(x).logits, fresh(x).logits)
+    assert not torch.equal(both.model(x).logits, decoder.model(x).logits)
+    assert weights_bytes_measured(both.model) == weights_bytes_measured(fresh)
 
 
 def test_the_weight_cache_key_names_embed_weights_only_where_set():

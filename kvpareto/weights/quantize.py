@@ -126,9 +126,18 @@ def quantized_model(
         model, info = _load(loaded.model, folder)
         from_cache = True
     else:
-        model = copy.deepcopy(loaded.model)
-        ids = data.ids if data else None
-        info = quantizer.quantize(model, group, ids, progress or _bar(method)) if quantizer else {}
+        if quantizer and embed != "none":
+            # The decoder's quantization never reads the embedding table (AWQ calibrates on the
+            # float model's activations), so it is shared across embed_weights: built (and
+            # cached) once, then each table quantized on a copy. A search of both axes
+            # otherwise repeats AWQ's calibration for every embed_weights choice.
+            decoder = quantized_model(loaded, replace(config, embed_weights="none"), calibration)
+            model, info = copy.deepcopy(decoder.model), decoder.weights_info
+        else:
+            model = copy.deepcopy(loaded.model)
+            ids = data.ids if data else None
+            bar = progress or _bar(method)
+            info = quantizer.quantize(model, group, ids, bar) if quantizer else {}
         if embed != "none":
             embedding.quantize_embeddings(model, embed)
         _save(model, info, folder)
