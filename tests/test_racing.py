@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from kvpareto.config import Config
+from kvpareto.errors import UserError
 from kvpareto.evaluation.trial import TrialRun, run_trial
 from kvpareto.search.paired import outcomes
 from kvpareto.search.racing import Rival, default_min_samples, raced_out, top_up_keys
@@ -41,6 +42,16 @@ def test_the_first_rung_is_about_half_the_samples_and_off_when_that_saves_nothin
     off = SearchSettings("tiny-llama", SMOKE_SPACE, ["agreement"], 256, 1, samples=8, min_samples=0)
     assert off.rung is None
     assert SearchSettings("tiny-llama", SMOKE_SPACE, ["agreement"], 256, 1, samples=8).rung == 4
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [({"min_samples": 9}, "--min-samples must be 0 to"), ({"knee_samples": 3}, "must exceed")],
+)
+def test_bad_racing_flags_are_one_line_errors(flags, message):
+    settings = SearchSettings("tiny-llama", SMOKE_SPACE, ["agreement"], 256, 1, samples=5, **flags)
+    with pytest.raises(UserError, match=message):
+        settings.validate()
 
 
 def test_a_trial_is_raced_out_only_by_a_no_costlier_trial_shown_more_accurate():
@@ -154,6 +165,7 @@ def _model_hash(settings: SearchSettings) -> str:
 def test_racing_off_runs_every_trial_in_full_and_caches_only_full_results(studies):
     _, off = studies
     rows = _rows(off)
+    rows = rows[rows.state == "COMPLETE"]  # C stays enqueued: the study holds its 3 trials
     assert len(rows) == 3 and (rows.samples_run == 8).all()  # racing off: P runs in full
     assert rows.raced_out_by.isna().all() and rows.top_up_of.isna().all()
     folder = Path(off.out) / "tiny-llama" / "trial-cache"
