@@ -77,8 +77,15 @@ def frontier_figure(st: Study) -> go.Figure:
             f"({1 - r.total_bytes / base_mem:+.1%} reduction)<br>{parts}"
         )
 
-    for feasible, name, color in ((True, "trials", "#1f77b4"), (False, "over budget", FAINT)):
-        sub = done[done.feasible == feasible]
+    # Trials raced out at their first rung (`search.racing`) ran part of the samples: shown apart,
+    # never as candidates.
+    raced = done.get("raced_out_by", pd.Series(None, index=done.index)).notna()
+    groups = (
+        (done[~raced & (done.feasible == True)], "trials", "#1f77b4"),  # noqa: E712
+        (done[~raced & (done.feasible == False)], "over budget", FAINT),  # noqa: E712
+        (done[raced], "raced out (first samples only)", FAINT),
+    )
+    for sub, name, color in groups:
         if sub.empty:
             continue
         fig.add_trace(

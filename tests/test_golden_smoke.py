@@ -9,7 +9,9 @@ that later gained a knob, those of its configs from before it). After regenerati
 trials.csv lists the same config keys, accuracies and memory unless the change meant otherwise.
 Last regenerated when the paired difference from the baseline and the fidelity scores were
 added (same trials, keys and figures; new columns only), then when fixed configs began to carry
-sampler params (NSGA-II's later proposals changed, as intended).
+sampler params (NSGA-II's later proposals changed, as intended), then when racing came on by
+default (`search.racing`: new columns, the knee's top-up trials and their cache records; the
+study's own trials, keys and figures unchanged).
 """
 
 from __future__ import annotations
@@ -85,13 +87,17 @@ def test_config_keys_and_labels_of_every_shipped_grid_are_unchanged():
 def test_trial_cache_keys_are_unchanged(stored, tmp_path):
     settings = _settings(stored, tmp_path)
     records = sorted((GOLDEN / "trial-cache").glob("*.json"))
-    with (GOLDEN / "trials.csv").open() as f:  # one record per distinct config the study ran
-        assert len(records) == len({row["config_key"] for row in csv.DictReader(f)})
+    # one record per distinct config and samples run (racing's raced-out rungs, knee top-ups)
+    with (GOLDEN / "trials.csv").open() as f:
+        runs = {(row["config_key"], int(row["samples_run"])) for row in csv.DictReader(f)}
+    assert len(records) == len(runs)
     for path in records:
         record = json.loads(path.read_text())
         config = Config.from_dict(record["config"])
         assert config.key() == record["config_key"]
-        assert eval_key(config, record["model_hash"], settings) == path.stem
+        samples_run = len(record["samples"]) // len(record["context_lengths"])
+        assert (config.key(), samples_run) in runs
+        assert eval_key(config, record["model_hash"], settings, samples_run) == path.stem
 
 
 def test_outputs_rebuilt_from_the_stored_study_are_byte_identical(stored, tmp_path):

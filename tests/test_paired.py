@@ -28,10 +28,22 @@ def test_a_sample_is_known_by_its_task_length_and_place_among_them():
     assert sample_ids(rows) == ["niah@1024#0", "niah@2048#0", "niah@1024#1", "qa@1024#0"]
 
 
-def test_trials_pair_only_on_the_same_samples():
+def test_trials_pair_on_the_samples_both_scored():
     a = outcomes([{"task": "t", "context_length": 8, "correct": c} for c in (True, False)])
-    assert versus(a, a).delta == 0.0
-    assert versus(a, a[:1]) is None and versus((), ()) is None
+    assert versus(a, a).delta == 0.0 and versus(a, a).n == 2
+    assert versus(a[:1], a).n == 1 and versus(a, a[:1]).n == 1
+    assert versus(a, ()) is None and versus((), ()) is None
+
+
+def test_a_trial_with_more_samples_pairs_on_the_common_ones_with_known_counts():
+    rows = [{"task": "t", "context_length": 8, "correct": c} for c in (1, 1, 0, 1, 0, 0)]
+    longer = outcomes(rows)  # t@8#0..#5
+    shorter = outcomes([dict(r, correct=1) for r in rows[:4]])  # t@8#0..#3, all right
+    delta = versus(longer, shorter)  # over #0..#3: longer is right alone on none, wrong on #2
+    assert (delta.n, delta.only_a, delta.only_b) == (4, 0, 1)
+    assert delta.delta == pytest.approx(-0.25)
+    assert delta.ci == bonett_price(0, 1, 4)
+    assert versus(shorter, longer).delta == pytest.approx(0.25)
 
 
 def _trial(record: dict, samples: list[dict] | None = None):

@@ -29,7 +29,21 @@ def search_command(
     task_lengths: str | None = typer.Option(
         None, help="Prompt lengths for tasks (default: context)."
     ),
-    samples: int = options.samples("Samples per task and length."),
+    samples: int = options.samples("Samples per task and length, at full fidelity."),
+    min_samples: int | None = typer.Option(
+        None,
+        min=0,
+        help="Racing's first rung: a trial first runs this many samples per task and length and "
+        "stops there when a cheaper finished trial is already shown more accurate on them. "
+        "Default: half of --samples, at least 2; 0 or --samples turns racing off.",
+    ),
+    knee_samples: int | None = typer.Option(
+        None,
+        min=0,
+        help="After the last trial, run the knee, its frontier neighbours, the most accurate "
+        "point and the baseline again with this many samples per task and length. Default: "
+        "2 x --samples; 0 turns it off.",
+    ),
     trials: int = typer.Option(24, help="Finished trials the study should hold."),
     sampler: str = typer.Option("nsga2", help="nsga2, tpe, gp, grid or random."),
     seed: int = options.seed("Sampler and task-data seed."),
@@ -75,6 +89,8 @@ def search_command(
             out=str(out),
             objectives=[o.strip() for o in objectives.split(",")],
             samples=samples,
+            min_samples=min_samples,
+            knee_samples=knee_samples,
             lengths=lengths,
             dtype=dtype_choice(dtype, "--dtype", COMPUTE_DTYPES),
             storage_dtype=dtype_choice(storage_dtype, "--storage-dtype", STORAGE_DTYPES),

@@ -19,7 +19,9 @@ def print_frontier(model: str, summary: dict) -> None:
     rebuilt = any(e.get("reproduces_source_grid") for e in summary["frontier"])
     table = Table(
         title=f"{model}: Pareto frontier ({summary['complete']} complete, "
-        f"{summary['failed']} failed, {summary['infeasible']} over budget)"
+        f"{summary['failed']} failed, {summary['infeasible']} over budget"
+        + (f", {summary['raced_out']} raced out" if summary.get("raced_out") else "")
+        + ")"
         + (f"\nsource precision: {source}" if source else ""),
         caption=f"hypervolume {summary['hypervolume']:.4f} (reference: 1.1 x baseline memory, "
         "accuracy 0); Δ acc and its CI are paired with the baseline on the same samples, p is "

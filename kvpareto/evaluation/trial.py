@@ -8,12 +8,16 @@ baseline's next-token distributions along the baseline's answer, and that answer
 log-probability, each with a bootstrap 95% interval over the samples. The result is a typed
 `TrialResult` (`evaluation.result`).
 
-`run_trial` reads as its steps, in the order they call the model; keep that order, since the
-reference answers and prefill reuse (`kvpareto.prefill_reuse`) depend on it.
+`TrialRun.result` reads as its steps, in the order they call the model; keep that order, since
+the reference answers and prefill reuse (`kvpareto.prefill_reuse`) depend on it. A search's
+racing (`search.racing`) answers a trial in slices, first samples first; `run_trial` is one slice
+of them all.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -65,20 +69,82 @@ def run_trial(
 
     With `perplexity`, the held-out text's perplexity at the longest context length is measured
     too, as a metric of its own beside accuracy."""
-    plan = _Plan([get_task(name) for name in task_names], context_lengths, samples, seed)
-    _check_lengths(loaded, context_lengths, max(t.max_new_tokens for t in plan.tasks))
-    prompts = _prompts(loaded, plan)
-    # Reference answers came from the unquantized model; from here on the trial's weights run.
-    baseline, loaded = loaded, quantized_model(loaded, config, calibration)
-    outcomes = _Outcomes(plan.tasks, len(prompts) + len(plan.own_runs), progress)
-    run = _run_prompts(loaded, config, prompts, outcomes)
-    _run_own(loaded, config, plan, outcomes)
-    memory = _measure_memory(loaded, config, prompts, context_lengths, memory_length)
-    result = _assemble(baseline, loaded, config, plan, outcomes, run, memory)
-    if perplexity:
-        held_out = _perplexity(baseline, loaded, config, max(context_lengths), seed)
-        result = replace(result, perplexity=held_out)
-    return result
+    run = TrialRun(
+        loaded, config, task_names, context_lengths, samples, seed, progress, memory_length
+    )
+    return run.result(samples, perplexity=perplexity)
+
+
+class TrialRun:
+    """One trial answered in slices, for multi-fidelity racing (`search.racing`).
+
+    `result(n)` answers the prompts among the first `n` samples per task and length that have
+    not run yet, and returns the result over every sample answered so far. The prompts are
+    always the full plan's (`samples` per task and length, then `extra` more drawn with another
+    seed, `extra_seed`), so a slice's samples are exactly the first ones of the full run's,
+    whatever the task does with its sample count, and the last slice's result equals a plain
+    run's: rows keep the plan's order and memory is measured once. Tasks that run themselves
+    (lm-eval) answer all their samples in the first slice.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: Config,
+        task_names: list[str],
+        context_lengths: list[int],
+        samples: int,
+        seed: int,
+        progress: Callable[[int, int], None] | None = None,
+        memory_length: int | None = None,
+        extra: int = 0,
+    ):
+        tasks = [get_task(name) for name in task_names]
+        self.plan = _Plan(tasks, context_lengths, samples, seed, extra)
+        _check_lengths(loaded, context_lengths, max(t.max_new_tokens for t in tasks))
+        self.baseline, self.config, self.memory_length = loaded, config, memory_length
+        self.prompts = _prompts(loaded, self.plan)
+        self.outcomes = _Outcomes(tasks, len(self.prompts) + len(self.plan.own_runs), progress)
+        self.timer = _Timer()
+        self.answered: set[int] = set()  # positions in `prompts`
+        self.loaded: LoadedModel | None = None  # the trial's weights, once quantized
+        self.memory: _MemoryAt | None = None
+        self.held_out: Perplexity | None = None
+
+    def result(self, n: int, perplexity: bool = False) -> TrialResult:
+        """The result over the first `n` samples per task and length (tasks that run themselves:
+        all of theirs), answering only those not answered yet."""
+        first = self.loaded is None
+        if first:  # reference answers came from the unquantized model; now the trial's weights
+            self.loaded = quantized_model(self.baseline, self.config, calibration)
+        todo = [i for i, p in enumerate(self.prompts) if p.index < n and i not in self.answered]
+        _run_prompts(self.loaded, self.config, self.prompts, todo, self.outcomes, self.timer)
+        self.answered.update(todo)
+        if first:
+            _run_own(self.loaded, self.config, self.plan, self.outcomes, len(self.prompts))
+            self.memory = _measure_memory(
+                self.loaded, self.config, self.prompts, self.plan.lengths, self.memory_length
+            )
+        result = _assemble(
+            self.baseline,
+            self.loaded,
+            self.config,
+            self.plan,
+            self.outcomes,
+            self.timer,
+            self.memory,
+        )
+        if perplexity and self.held_out is None:
+            self.held_out = _perplexity(
+                self.baseline, self.loaded, self.config, max(self.plan.lengths), self.plan.seed
+            )
+        return replace(result, perplexity=self.held_out) if perplexity else result
+
+
+def extra_seed(seed: int) -> int:
+    """The seed of the samples drawn beyond a study's own (`TrialRun`'s `extra`): another seed,
+    so every task's first `samples` prompts stay those of the plain run."""
+    return seed + 1_000_003
 
 
 @dataclass(frozen=True)
@@ -89,11 +155,25 @@ class _Plan:
     lengths: list[int]
     samples: int  # per task and length
     seed: int
+    extra: int = 0  # samples per task and length beyond `samples`, drawn with `extra_seed`
 
     @property
     def own_runs(self) -> list[tuple[Task, int]]:
         """(task, length) for the tasks that run themselves (lm-eval), once per length."""
         return [(task, n) for task in self.tasks if task.runs_itself for n in self.lengths]
+
+    def task_hash(self, task: Task) -> str:
+        plain = task.task_hash(self.lengths, self.samples, self.seed)
+        if not self.extra or task.runs_itself:  # tasks that run themselves get no extra
+            return plain
+        blob = json.dumps([plain, "extra", self.extra, extra_seed(self.seed)])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def draw(self, task: Task, tokenizer, length: int) -> list[Sample]:
+        drawn = task.samples(tokenizer, length, self.samples, self.seed)
+        if self.extra:
+            drawn += task.samples(tokenizer, length, self.extra, extra_seed(self.seed))
+        return drawn
 
 
 @dataclass(frozen=True)
@@ -101,6 +181,7 @@ class _Prompt:
     task: Task
     sample: Sample
     baseline: Reference  # the unquantized model's answer, for the fidelity score
+    index: int  # its place among its task's samples at its length
 
 
 def _prompts(loaded: LoadedModel, plan: _Plan) -> list[_Prompt]:
@@ -111,33 +192,56 @@ def _prompts(loaded: LoadedModel, plan: _Plan) -> list[_Prompt]:
         if task.runs_itself:
             continue
         for length in plan.lengths:
-            for sample in task.samples(loaded.tokenizer, length, plan.samples, plan.seed):
+            for index, sample in enumerate(plan.draw(task, loaded.tokenizer, length)):
                 text, reference = _baseline_answer(loaded, task, sample)
                 if task.needs_reference:
                     sample.answer = text
-                prompts.append(_Prompt(task, sample, reference))
+                prompts.append(_Prompt(task, sample, reference, index))
     return prompts
 
 
 class _Outcomes:
-    """Scores per task and one outcome per sample, in the order they ran; reports progress."""
+    """One outcome per sample, kept by its place in the plan (prompts first, then the tasks that
+    run themselves), so slices answered in any order read back in the plain run's order;
+    reports progress."""
 
     def __init__(self, tasks: list[Task], steps: int, progress: Callable[[int, int], None] | None):
         self.tasks = {t.name: t for t in tasks}
-        self.scores: dict[str, list[float]] = {t.name: [] for t in tasks}
-        self.rows: list[dict] = []
-        self.fidelity: list[AnswerFidelity] = []  # of the prompts' samples, in order
+        self.by_place: dict[tuple[int, int], tuple[str, float, dict, AnswerFidelity | None]] = {}
         self.steps, self.done, self.progress = steps, 0, progress
 
     def add(
-        self, task: Task, score: float, facts: dict, fidelity: AnswerFidelity | None = None
+        self,
+        place: tuple[int, int],
+        task: Task,
+        score: float,
+        facts: dict,
+        fidelity: AnswerFidelity | None = None,
     ) -> None:
-        self.scores[task.name].append(score)
         row = {"task": task.name, **facts, "correct": score}
         if fidelity is not None:
-            self.fidelity.append(fidelity)
             row |= {"kld": fidelity.kld, "answer_logprob": fidelity.answer_logprob}
-        self.rows.append(row)
+        self.by_place[place] = (task.name, score, row, fidelity)
+
+    def _ordered(self):
+        return [self.by_place[k] for k in sorted(self.by_place)]
+
+    @property
+    def scores(self) -> dict[str, list[float]]:
+        """Scores per task, of the tasks with any sample answered."""
+        scores: dict[str, list[float]] = {}
+        for name, score, _, _ in self._ordered():
+            scores.setdefault(name, []).append(score)
+        return {name: scores[name] for name in self.tasks if name in scores}
+
+    @property
+    def rows(self) -> list[dict]:
+        return [row for _, _, row, _ in self._ordered()]
+
+    @property
+    def fidelity(self) -> list[AnswerFidelity]:
+        """Of the prompts' samples, in order."""
+        return [f for _, _, _, f in self._ordered() if f is not None]
 
     def step(self) -> None:
         self.done += 1
@@ -145,21 +249,46 @@ class _Outcomes:
             self.progress(self.done, self.steps)
 
 
-@dataclass(frozen=True)
-class _PromptRun:
-    timing: Timing
-    nominal_kv_bits: float | None  # token-weighted over the prompts; None without prompts
+@dataclass
+class _Timer:
+    """Prompt timings summed over every slice, and the cached bits for the mean KV bits."""
+
+    prefill_tokens: float = 0.0
+    prefill_s: float = 0.0
+    decode_steps: float = 0.0
+    decode_s: float = 0.0
+    reused: int = 0  # prefills replayed from a recorded forward pass (kvpareto.prefill_reuse)
+    cached_tokens: float = 0.0  # for the mean KV bits, token-weighted over prompts
+    cached_bits: float = 0.0
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(
+            prefill_tokens_per_s=self.prefill_tokens / self.prefill_s if self.prefill_s else None,
+            decode_ms_per_token=1000 * self.decode_s / self.decode_steps
+            if self.decode_steps
+            else None,
+            prefills_reused=self.reused,
+        )
+
+    @property
+    def nominal_kv_bits(self) -> float | None:
+        """Token-weighted over the prompts; None without prompts."""
+        return self.cached_bits / self.cached_tokens if self.cached_tokens else None
 
 
 def _run_prompts(
-    loaded: LoadedModel, config: Config, prompts: list[_Prompt], outcomes: _Outcomes
-) -> _PromptRun:
-    """Answer every prompt through the trial's weights and cache, and score the answers, and
-    how faithfully the baseline's answer is followed."""
-    prefill_tokens = prefill_s = decode_steps = decode_s = 0.0
-    reused = 0  # prefills replayed from a recorded forward pass (kvpareto.prefill_reuse)
-    cached_tokens = cached_bits = 0.0  # for the mean KV bits, token-weighted over prompts
-    for prompt in prompts:
+    loaded: LoadedModel,
+    config: Config,
+    prompts: list[_Prompt],
+    todo: list[int],
+    outcomes: _Outcomes,
+    timer: _Timer,
+) -> None:
+    """Answer the prompts at positions `todo` through the trial's weights and cache, and score
+    the answers, and how faithfully the baseline's answer is followed."""
+    for position in todo:
+        prompt = prompts[position]
         task, sample = prompt.task, prompt.sample
         ids = torch.tensor([sample.input_ids])
         gen = generate(
@@ -173,30 +302,28 @@ def _run_prompts(
         )
         correct = task.score(sample, gen.text)
         facts = {**sample.meta, **task.details(sample, gen.text)}
-        outcomes.add(task, correct, facts, compare(prompt.baseline, gen.answer_logprobs))
-        prefill_tokens += gen.prompt_tokens
-        prefill_s += gen.prefill_s
-        decode_steps += gen.decode_steps
-        decode_s += gen.decode_s
-        reused += gen.prefill_reused
-        cached_tokens += gen.cache.get_seq_length()
-        cached_bits += gen.cache.mean_bits() * gen.cache.get_seq_length()
+        fidelity = compare(prompt.baseline, gen.answer_logprobs)
+        outcomes.add((position, 0), task, correct, facts, fidelity)
+        timer.prefill_tokens += gen.prompt_tokens
+        timer.prefill_s += gen.prefill_s
+        timer.decode_steps += gen.decode_steps
+        timer.decode_s += gen.decode_s
+        timer.reused += gen.prefill_reused
+        timer.cached_tokens += gen.cache.get_seq_length()
+        timer.cached_bits += gen.cache.mean_bits() * gen.cache.get_seq_length()
         outcomes.step()
-    timing = Timing(
-        prefill_tokens_per_s=prefill_tokens / prefill_s if prefill_s else None,
-        decode_ms_per_token=1000 * decode_s / decode_steps if decode_steps else None,
-        prefills_reused=reused,
-    )
-    return _PromptRun(timing, cached_bits / cached_tokens if cached_tokens else None)
 
 
-def _run_own(loaded: LoadedModel, config: Config, plan: _Plan, outcomes: _Outcomes) -> None:
+def _run_own(
+    loaded: LoadedModel, config: Config, plan: _Plan, outcomes: _Outcomes, after: int
+) -> None:
     """Run the tasks with their own requests and metrics (lm-eval); they score partly right
-    answers too."""
-    for task, length in plan.own_runs:
+    answers too. Their outcomes go after the `after` prompts."""
+    for run, (task, length) in enumerate(plan.own_runs):
         scores = task.evaluate(loaded, config, length, plan.samples, plan.seed)
         for index, score in enumerate(scores):
-            outcomes.add(task, score, {"context_length": length, "index": index})
+            facts = {"context_length": length, "index": index}
+            outcomes.add((after + run, index), task, score, facts)
         outcomes.step()
 
 
@@ -235,11 +362,12 @@ def _assemble(
     config: Config,
     plan: _Plan,
     outcomes: _Outcomes,
-    run: _PromptRun,
+    timer: _Timer,
     memory: _MemoryAt,
 ) -> TrialResult:
     """The result: scores per task and over all, with what the weights, cache and model were."""
-    hits = [ok for oks in outcomes.scores.values() for ok in oks]
+    scores = outcomes.scores
+    hits = [ok for oks in scores.values() for ok in oks]
     model = loaded.model
     return TrialResult(
         model=loaded.spec.name,
@@ -252,22 +380,22 @@ def _assemble(
                 accuracy=sum(oks) / len(oks),
                 accuracy_ci=mean_interval(oks),
                 n=len(oks),
-                task_hash=outcomes.tasks[name].task_hash(plan.lengths, plan.samples, plan.seed),
+                task_hash=plan.task_hash(outcomes.tasks[name]),
             )
-            for name, oks in outcomes.scores.items()
+            for name, oks in scores.items()
         },
         accuracy=sum(hits) / len(hits),
         accuracy_ci=mean_interval(hits),
         n=len(hits),
         fidelity=_fidelity(outcomes.fidelity),
-        nominal_kv_bits=run.nominal_kv_bits,
+        nominal_kv_bits=timer.nominal_kv_bits,
         effective_kv_bits=memory.effective_kv_bits,
         context_lengths=plan.lengths,
         samples=outcomes.rows,
         longest_prompt_tokens=memory.longest_prompt_tokens,
         memory_tokens=memory.tokens,
         memory=memory.memory,
-        timing=run.timing,
+        timing=timer.timing,
         weights=_weights_facts(loaded, config, baseline),
         source_precision=baseline.source_precision,
         compute_dtype=dtype_name(compute_dtype(model)),

@@ -27,7 +27,7 @@ def _points(rows) -> list[Point]:
     return [
         Point(r["config_key"], r["total_bytes"], r["accuracy"])
         for r in rows
-        if r["state"] == "COMPLETE" and r["feasible"]
+        if r["state"] == "COMPLETE" and r["feasible"] and not r.get("raced_out_by")
     ]
 
 

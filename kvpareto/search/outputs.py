@@ -4,8 +4,11 @@
   difference from the 16-bit baseline paired on the same samples with its CI and McNemar p,
   the fidelity scores (KLD, answer log-probability) with their CIs, memory parts measured and
   modeled, timing, held-out perplexity and its change from the baseline when measured, status,
-  error, whether it came from the trial cache);
-- `frontier.json`: the Pareto-optimal feasible trials, cheapest first, with the baseline, the knee,
+  error, whether it came from the trial cache, and racing's columns (`search.racing`): samples run
+  per task and length, the trial that raced it out and their paired difference, the trial a knee
+  top-up gives more samples to);
+- `frontier.json`: the Pareto-optimal feasible trials run to full fidelity (never one raced out;
+  a config's run with the most samples), cheapest first, with the baseline, the knee,
   the "indistinguishable" marks (both from the paired test, `search.frontier`) and the
   hypervolume;
 - `study.json` (gathered by `study.study_facts`): the command, versions, seed, space hash,
@@ -71,6 +74,15 @@ def trial_rows(study) -> list[dict]:
             if t.state.name == "COMPLETE"
             else None,
             "cached": a.get("cached"),
+            # Racing (`search.racing`): samples run per task and length; a trial raced out at
+            # its first rung names the cheaper trial that beat it, and their paired difference.
+            "samples_run": a.get("samples_run"),
+            "raced_out_by": a.get("raced_out_by"),
+            "race_delta": a.get("race_delta"),
+            "race_delta_lo": (a.get("race_delta_ci") or (None, None))[0],
+            "race_delta_hi": (a.get("race_delta_ci") or (None, None))[1],
+            # The knee's top-up: the trial it gives more samples to.
+            "top_up_of": a.get("top_up_of"),
             # The weight config rebuilds the grid the model was stored on upstream.
             "reproduces_source_grid": a.get("reproduces_source_grid"),
             # every failure the objective catches records its error; one without was cut short
@@ -112,11 +124,30 @@ def _fidelity_columns(fidelity) -> dict:
     return columns
 
 
+def _candidates(rows: list[dict]) -> list[dict]:
+    """Complete trials with figures that ran to full fidelity: not raced out at a first rung."""
+    return [
+        r
+        for r in rows
+        if r["state"] == "COMPLETE" and r["total_bytes"] is not None and not r.get("raced_out_by")
+    ]
+
+
+def _fullest(rows) -> dict | None:
+    """Of one config's rows, the one with the most samples (its knee top-up, if it got one);
+    the first among equals."""
+    best = None
+    for r in rows:
+        if best is None or (r.get("samples_run") or 0) > (best.get("samples_run") or 0):
+            best = r
+    return best
+
+
 def _against_baseline(rows: list[dict]) -> None:
-    """Fill each complete trial's accuracy difference from the baseline, paired on the same
-    samples (`search.paired`); left empty where there is no complete baseline, or the trial's
-    samples are not the baseline's."""
-    baseline = next((r for r in rows if r["state"] == "COMPLETE" and is_baseline(r)), None)
+    """Fill each complete trial's accuracy difference from the baseline (its run with the most
+    samples), paired on the samples both scored (`search.paired`); left empty where there is no
+    complete baseline, or no sample in common."""
+    baseline = _fullest(r for r in _candidates(rows) if is_baseline(r))
     if baseline is None:
         return
     base = outcomes(json.loads(baseline["samples_json"]))
@@ -133,10 +164,12 @@ def _against_baseline(rows: list[dict]) -> None:
 def frontier_summary(rows: list[dict]) -> dict:
     """The frontier of complete, feasible trials, with baseline, knee, marks and hypervolume."""
     done = [r for r in rows if r["state"] == "COMPLETE" and r["total_bytes"] is not None]
-    feasible = [r for r in done if r["feasible"]]
+    full = _candidates(rows)  # trials raced out at their first rung are never points
+    feasible = [r for r in full if r["feasible"]]
     by_key = {}
     for r in sorted(feasible, key=lambda r: r["trial"]):
-        by_key.setdefault(r["config_key"], r)  # one point per distinct config
+        kept = by_key.get(r["config_key"])  # one point per distinct config, its fullest run
+        by_key[r["config_key"]] = r if kept is None else _fullest([kept, r])
     points = [
         Point(
             k,
@@ -147,7 +180,7 @@ def frontier_summary(rows: list[dict]) -> dict:
         )
         for k, r in by_key.items()
     ]
-    baseline = next((r for r in done if is_baseline(r)), None)
+    baseline = _fullest(r for r in full if is_baseline(r))
     base_mem = baseline["total_bytes"] if baseline else max((p.memory for p in points), default=1)
     front = pareto_front(points)
     knee_point = knee(front)
@@ -183,6 +216,7 @@ def frontier_summary(rows: list[dict]) -> dict:
                 "memory_reduction": 1 - p.memory / base_mem,
                 "accuracy": p.accuracy,
                 "accuracy_ci": list(p.ci),
+                "samples_run": r.get("samples_run"),  # per task and length
                 # vs the baseline, paired on the same samples (None where they cannot be)
                 "delta_accuracy": r["delta_accuracy"],
                 "delta_accuracy_ci": _interval(r, "delta_accuracy"),
@@ -213,7 +247,8 @@ def frontier_summary(rows: list[dict]) -> dict:
         "trials": len(rows),
         "complete": len(done),
         "failed": sum(r["state"] == "FAIL" for r in rows),
-        "infeasible": len(done) - len(feasible),
+        "infeasible": len(full) - len(feasible),
+        "raced_out": len(done) - len(full),
         "frontier": entries,
     }
 

@@ -3,9 +3,9 @@
 The prompts come from the study's tasks, lengths, sample count and seed alone (the trial cache
 keys them: `study.eval_key`), and a trial answers them in the same order, so a sample is known by
 its task, its context length and its place among that task's samples at that length
-(`sample_ids`). Two trials whose outcomes cover the same samples are paired on them (`versus`),
-and their difference gets a paired test (`stats.paired`): most samples are right (or wrong) for
-both configs, and only the ones that differ carry information about the difference.
+(`sample_ids`). Two trials are paired on the samples both scored (`versus`), and their difference
+gets a paired test (`stats.paired`): most samples are right (or wrong) for both configs, and only
+the ones that differ carry information about the difference.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ def outcomes(samples: list[dict]) -> Outcomes:
 
 
 def versus(a: Outcomes, b: Outcomes) -> PairedDelta | None:
-    """a's mean score minus b's over their samples, paired; None unless both scored the same
-    samples (a trial that failed, or one run with other settings, cannot be paired)."""
-    scores_a, scores_b = dict(a), dict(b)
-    if not scores_a or scores_a.keys() != scores_b.keys():
+    """a's mean score minus b's over the samples both scored, paired (its `n` says how many);
+    None when they share none (a trial that failed). Within a study a sample id names the same
+    prompt in every trial, so a trial stopped early by racing (`search.racing`), or one given
+    more samples, pairs with the others on the samples they have in common."""
+    scores_b = dict(b)
+    common = [(score, scores_b[i]) for i, score in a if i in scores_b]
+    if not common:
         return None
-    ids = list(scores_a)
-    return paired([scores_a[i] for i in ids], [scores_b[i] for i in ids])
+    return paired([x for x, _ in common], [y for _, y in common])

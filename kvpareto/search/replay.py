@@ -57,6 +57,11 @@ def table_from_study(folder: Path, space_path: Path) -> dict:
     study = json.loads((folder / "study.json").read_text())
     with (folder / "trials.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r["state"] == "COMPLETE"]
+    if any(r.get("raced_out_by") for r in rows):
+        raise UserError(
+            f"{folder}: the grid study raced trials out at their first samples; a stored grid "
+            "needs every config's full figures (run it with --min-samples 0)"
+        )
     points = {
         r["config_key"]: {
             "label": r["label"],

@@ -60,16 +60,19 @@ def make_sampler(name: str, seed: int):
     return _SampledTrialsOnly(SAMPLERS.get(name)(seed))
 
 
-def enqueue_fixed(study, space: SearchSpace, configs: list[Config], n_layers: int = 0) -> None:
-    """Enqueue each distinct config once, with its params where the space can express it."""
+def enqueue_fixed(
+    study, space: SearchSpace, configs: list[Config], n_layers: int = 0, attrs: dict | None = None
+) -> None:
+    """Enqueue each distinct config once, with its params where the space can express it, and
+    `attrs` among its user attributes."""
     seen = set()
     for config in configs:
         if config.key() in seen:
             continue
         seen.add(config.key())
         params = space.params_of(config, n_layers)
-        attrs = {"fixed_config": config.to_dict(), "in_space": params is not None}
-        study.enqueue_trial(params or {}, user_attrs=attrs)
+        fixed = {"fixed_config": config.to_dict(), "in_space": params is not None}
+        study.enqueue_trial(params or {}, user_attrs={**fixed, **(attrs or {})})
 
 
 def trial_config(trial, space: SearchSpace, n_layers: int = 0) -> Config:

@@ -9,7 +9,12 @@ memory and accuracy by default. The memory budget is a constraint, set with
 Reliability rules:
 - Baselines are enqueued first: the 16-bit cache, the space's own `baselines`, then `--baseline`
   files.
-- Results are cached by (config, tasks, model, settings): duplicates and re-runs cost nothing.
+- Results are cached by (config, tasks, model, settings, samples run): duplicates and re-runs
+  cost nothing, and a trial stopped at its first rung is never served as a full one.
+- Racing (`search.racing`): a trial first runs `min_samples` per task and length and stops
+  there when a cheaper finished trial is already shown more accurate on their common samples;
+  after the last trial the knee and its neighbours get `knee_samples` (trials of their own,
+  marked `top_up_of`, which `--trials` does not count).
 - A trial that raises (out of memory, NaN logits, a bug) is recorded FAIL with its reason; the
   search goes on.
 - Re-running the same study resumes it: trials left RUNNING by a killed process are marked FAIL
@@ -39,6 +44,7 @@ from kvpareto.config import Config, canonical
 from kvpareto.errors import UserError
 from kvpareto.evaluation.result import TrialResult
 from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
+from kvpareto.search.racing import RacedOut, default_min_samples, raced_out, rivals
 from kvpareto.search.samplers import SAMPLERS, enqueue_fixed, make_sampler, trial_config
 from kvpareto.search.space import SearchSpace
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
@@ -80,7 +86,9 @@ class SearchSettings:
     workers: int = 1
     out: str = "results"
     objectives: list[str] = field(default_factory=lambda: ["memory", "accuracy"])
-    samples: int = 5
+    samples: int = 5  # per task and length, at full fidelity
+    min_samples: int | None = None  # racing's first rung; None: `racing.default_min_samples`
+    knee_samples: int | None = None  # the knee's top-up per task and length; None: 2 x samples
     lengths: list[int] = field(default_factory=list)  # task prompt lengths; default: context
     dtype: str = "auto"  # the compute dtype asked for; `compute` is what it resolves to here
     storage_dtype: str = "bfloat16"  # what float weights and full-precision K/V are held in
@@ -106,6 +114,15 @@ class SearchSettings:
             )
         for data in self.baselines:
             canonical(data)  # a bad baseline file fails before the model loads
+        if self.min_samples is not None and not 0 <= self.min_samples <= self.samples:
+            raise UserError(
+                f"--min-samples must be 0 to --samples ({self.samples}); got {self.min_samples}"
+            )
+        if self.knee_samples is not None and 0 < self.knee_samples <= self.samples:
+            raise UserError(
+                f"--knee-samples must exceed --samples ({self.samples}), or be 0 (off); "
+                f"got {self.knee_samples}"
+            )
         if any(n > self.context_length for n in self.lengths):
             raise UserError("task lengths cannot exceed --context-length")
         if not self.study or any(c in self.study for c in "/\\ "):
@@ -145,6 +162,17 @@ class SearchSettings:
         return resolve_compute_dtype(self.dtype)
 
     @property
+    def rung(self) -> int | None:
+        """Samples per task and length of racing's first rung; None when racing is off."""
+        m = default_min_samples(self.samples) if self.min_samples is None else self.min_samples
+        return m if 0 < m < self.samples else None
+
+    @property
+    def top_up(self) -> int:
+        """Samples per task and length the knee is given after the search; 0 when off."""
+        return 2 * self.samples if self.knee_samples is None else self.knee_samples
+
+    @property
     def task_lengths(self) -> list[int]:
         return self.lengths or [self.context_length]
 
@@ -152,12 +180,18 @@ class SearchSettings:
         return Path(self.out) / self.model.replace("/", "_") / self.study
 
 
-def eval_key(config: Config, model_hash: str, s: SearchSettings) -> str:
-    """Identity of one evaluation: the trial cache key (task hashes enter through tasks+lengths)."""
+def eval_key(
+    config: Config, model_hash: str, s: SearchSettings, samples_run: int | None = None
+) -> str:
+    """Identity of one evaluation: the trial cache key (task hashes enter through tasks+lengths).
+    `samples_run` per task and length, when not `s.samples`: racing's first rung (the first of
+    the study's samples) or the knee's top-up (more, `TrialRun`'s extra)."""
     from kvpareto.evaluation import get_task
 
     tasks = [get_task(t).task_hash(s.task_lengths, s.samples, s.seed) for t in s.tasks]
     identity = [config.key(), model_hash, tasks, s.context_length, s.compute.name]
+    if samples_run is not None and samples_run != s.samples:  # a full run keeps its old key
+        identity.append({"samples_run": samples_run})
     if s.storage_dtype != s.compute.name:  # equal dtypes keep the keys made before the split
         identity.append({"storage_dtype": s.storage_dtype})
     if s.perplexity:  # only when asked, so caches written before it existed stay valid
@@ -226,7 +260,8 @@ class Search:
         from optuna.trial import TrialState
 
         states = (TrialState.COMPLETE, TrialState.FAIL)
-        return len(self.study.get_trials(deepcopy=False, states=states))
+        trials = self.study.get_trials(deepcopy=False, states=states)
+        return sum("top_up_of" not in t.user_attrs for t in trials)  # top-ups come on top
 
     def prepare(self) -> int:
         """Enqueue baselines (first run) or recover a killed run; return the trials left to run."""
@@ -294,11 +329,14 @@ class Search:
         trial.set_user_attr("label", config.label())
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
-            result = self._result(trial, config)
+            result, samples_run, verdict = self._result(trial, config)
         except Exception as e:  # noqa: BLE001  (any failure is recorded and the search goes on)
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
             raise
         for name, value in result.study_attrs().items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("samples_run", samples_run)
+        for name, value in (verdict.attrs() if verdict else {}).items():
             trial.set_user_attr(name, value)
         memory_mb = result.memory.measured.total_bytes / 1e6
         budget = self.s.budget_mb
@@ -311,30 +349,85 @@ class Search:
         }
         return [values[name] for name in self.s.objectives]
 
-    def _result(self, trial, config: Config) -> TrialResult:
-        """The trial cache's result for `config`, or a fresh trial's, then cached."""
-        from kvpareto.evaluation.trial import run_trial
+    def _result(self, trial, config: Config) -> tuple[TrialResult, int, RacedOut | None]:
+        """(result, samples run per task and length, `racing.RacedOut` or None) for `config`:
+        the trial cache's, or a fresh run's, then cached. A top-up trial runs `top_up` samples;
+        any other runs racing's first rung, stops there when raced out, else runs the rest."""
+        from kvpareto.search.paired import outcomes
         from kvpareto.weights.source_grid import reproduces_source_grid
 
-        key = eval_key(config, self.loaded.model_hash, self.s)
-        result = self.cache.get(key)
-        trial.set_user_attr("cached", result is not None)
         trial.set_user_attr(
             "reproduces_source_grid", reproduces_source_grid(self.loaded.model, config)
         )
-        if result is None:
-            result = run_trial(
-                self.loaded,
-                config,
-                self.s.tasks,
-                self.s.task_lengths,
-                self.s.samples,
-                self.s.seed,
-                memory_length=self.s.context_length,
-                perplexity=self.s.perplexity,
+        full = self.s.top_up if "top_up_of" in trial.user_attrs else self.s.samples
+        key = eval_key(config, self.loaded.model_hash, self.s, full)
+        result = self.cache.get(key)
+        trial.set_user_attr("cached", result is not None)
+        if result is not None:
+            return result, full, None
+        run = None
+        if self.s.rung and full == self.s.samples:
+            rung_key = eval_key(config, self.loaded.model_hash, self.s, self.s.rung)
+            first = self.cache.get(rung_key)
+            if first is None:
+                run = self._trial_run(config, full)
+                first = run.result(self.s.rung, perplexity=self.s.perplexity)
+            memory_mb = first.memory.measured.total_bytes / 1e6
+            verdict = raced_out(outcomes(first.samples), memory_mb, rivals(self.study, full))
+            if verdict is not None:  # cached only then: a full run is served from its own record
+                trial.set_user_attr("cached", run is None)
+                if run is not None:
+                    self.cache.put(rung_key, first)
+                return first, self.s.rung, verdict
+        # A rung read from the cache was answered by no run here: the full run answers it again.
+        run = run or self._trial_run(config, full)
+        result = run.result(full, perplexity=self.s.perplexity)
+        self.cache.put(key, result)
+        return result, full, None
+
+    def _trial_run(self, config: Config, samples: int):
+        from kvpareto.evaluation.trial import TrialRun
+
+        return TrialRun(
+            self.loaded,
+            config,
+            self.s.tasks,
+            self.s.task_lengths,
+            self.s.samples,
+            self.s.seed,
+            memory_length=self.s.context_length,
+            extra=samples - self.s.samples,
+        )
+
+    def top_up(self, keys: list[str], on_trial=None, stop=None) -> None:
+        """Run each config of `keys` again with `top_up` samples per task and length, as a trial
+        of its own marked `top_up_of` (its first full trial); a config the study already holds
+        a top-up of is skipped, so a resumed study redoes none."""
+        from optuna.trial import TrialState
+
+        first: dict[str, object] = {}
+        topped = set()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            config = t.user_attrs.get("config")
+            if not config or t.user_attrs.get("raced_out_by"):
+                continue
+            key = Config.from_dict(config).key()
+            if t.user_attrs.get("top_up_of") is not None:
+                topped.add(key)
+            else:
+                first.setdefault(key, t)
+        for key in keys:
+            if key in topped or key not in first or (stop is not None and stop.requested):
+                continue
+            t = first[key]
+            config = Config.from_dict(t.user_attrs["config"])
+            attrs = {"top_up_of": t.number}
+            enqueue_fixed(self.study, self.space, [config], self._n_layers(), attrs)
+            self.study.optimize(
+                self.objective, n_trials=1, catch=(Exception,), gc_after_trial=False
             )
-            self.cache.put(key, result)
-        return result
+            if on_trial:
+                on_trial(self.study.get_trials(deepcopy=False)[-1])
 
     def run(
         self, n_trials: int | None, on_trial=None, stop=None, target: int | None = None
@@ -390,6 +483,7 @@ def run_search(settings: SearchSettings, command: list[str], progress=None) -> d
     `progress(done, total, summary, last_label)` is called after every finished trial.
     """
     from kvpareto.search.outputs import frontier_summary, trial_rows, write_outputs
+    from kvpareto.search.racing import top_up_keys
     from kvpareto.search.space import load_space
 
     settings.validate()
@@ -425,6 +519,9 @@ def run_search(settings: SearchSettings, command: list[str], progress=None) -> d
             search.run(remaining, on_trial=on_trial, stop=stop)
         else:
             _run_workers(search, settings, remaining, stop, report)
+        if settings.top_up and not stop.requested and search.finished() >= settings.trials:
+            keys = top_up_keys(frontier_summary(trial_rows(search.study)))
+            search.top_up(keys, on_trial=on_trial, stop=stop)
     return write_outputs(search.study, search.dir, facts)
 
 
@@ -478,6 +575,8 @@ def study_facts(settings, space, command: list[str], source) -> dict:
         "tasks": settings.tasks,
         "task_lengths": settings.task_lengths,
         "samples": settings.samples,
+        "min_samples": settings.rung or settings.samples,  # racing's first rung
+        "knee_samples": settings.top_up,
         "context_length": settings.context_length,
         "sampler": settings.sampler,
         "seed": settings.seed,
