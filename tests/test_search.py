@@ -27,9 +27,6 @@ SMOKE = [
     "512",
     "--samples",
     "6",
-    # the trial counts below are the study's own; the knee's top-up is tested in test_racing
-    "--knee-samples",
-    "0",
 ]
 
 

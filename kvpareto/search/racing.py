@@ -9,8 +9,9 @@ Otherwise it answers the rest of its `--samples` and completes as a plain run wo
 trial is told to Optuna with its partial figures and stays in the trial table, marked, but is
 never a frontier point.
 
-After the last trial the knee, its frontier neighbours, the front's most accurate point (the
-knee rule's reference) and the baseline are run again with `--knee-samples` per task and length
+With `--knee-samples`, after the last trial the knee, its frontier neighbours, the front's most
+accurate point (the knee rule's reference) and the baseline are run again with that many samples
+per task and length
 (`top_up_keys`), so the knee's paired intervals narrow; the frontier is then read again.
 
 The rung's test is repeated against every finished trial, so a trial is raced out more often

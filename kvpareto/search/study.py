@@ -88,7 +88,7 @@ class SearchSettings:
     objectives: list[str] = field(default_factory=lambda: ["memory", "accuracy"])
     samples: int = 5  # per task and length, at full fidelity
     min_samples: int | None = None  # racing's first rung; None: `racing.default_min_samples`
-    knee_samples: int | None = None  # the knee's top-up per task and length; None: 2 x samples
+    knee_samples: int | None = None  # the knee's top-up per task and length; None or 0: off
     lengths: list[int] = field(default_factory=list)  # task prompt lengths; default: context
     dtype: str = "auto"  # the compute dtype asked for; `compute` is what it resolves to here
     storage_dtype: str = "bfloat16"  # what float weights and full-precision K/V are held in
@@ -169,8 +169,10 @@ class SearchSettings:
 
     @property
     def top_up(self) -> int:
-        """Samples per task and length the knee is given after the search; 0 when off."""
-        return 2 * self.samples if self.knee_samples is None else self.knee_samples
+        """Samples per task and length the knee is given after the search; 0 when off (the
+        default: a top-up answers its first `samples` again rather than reading them from the
+        full run's record, so it costs about twice what it adds)."""
+        return self.knee_samples or 0
 
     @property
     def task_lengths(self) -> list[int]:
