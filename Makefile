@@ -60,12 +60,13 @@ bench: model
 	$(BIN)/kvpareto bench --model $(MODEL) --threads 2
 
 # The sampler replay benchmark's stored grid (benchmarks/samplers/README.md): every config of the
-# space evaluated once by a grid study, then its table written beside the space. Minutes on 2 cores.
+# space evaluated once by a grid study (racing off: the table needs every config's full figures),
+# then its table written beside the space. Minutes on 2 cores.
 SAMPLER_GRID := benchmarks/samplers/tiny-llama-agreement
 sampler-grid: setup
 	$(BIN)/kvpareto search --model tiny-llama --space $(SAMPLER_GRID).yaml --tasks agreement \
-		--context-length 512 --samples 12 --sampler grid --trials 1 --study sampler-grid \
-		--out $(RESULTS)
+		--context-length 512 --samples 12 --min-samples 0 --sampler grid --trials 1 \
+		--study sampler-grid --out $(RESULTS)
 	$(BIN)/python -c "import json, sys; from pathlib import Path; \
 		from kvpareto.search.replay import table_from_study as t; \
 		Path(sys.argv[3]).write_text(json.dumps(t(Path(sys.argv[1]), Path(sys.argv[2])), indent=1))" \

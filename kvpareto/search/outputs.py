@@ -136,11 +136,7 @@ def _candidates(rows: list[dict]) -> list[dict]:
 def _fullest(rows) -> dict | None:
     """Of one config's rows, the one with the most samples (its knee top-up, if it got one);
     the first among equals."""
-    best = None
-    for r in rows:
-        if best is None or (r.get("samples_run") or 0) > (best.get("samples_run") or 0):
-            best = r
-    return best
+    return max(rows, key=lambda r: r.get("samples_run") or 0, default=None)
 
 
 def _against_baseline(rows: list[dict]) -> None:
@@ -168,8 +164,8 @@ def frontier_summary(rows: list[dict]) -> dict:
     feasible = [r for r in full if r["feasible"]]
     by_key = {}
     for r in sorted(feasible, key=lambda r: r["trial"]):
-        kept = by_key.get(r["config_key"])  # one point per distinct config, its fullest run
-        by_key[r["config_key"]] = r if kept is None else _fullest([kept, r])
+        kept = by_key.setdefault(r["config_key"], r)  # one point per config, its fullest run
+        by_key[r["config_key"]] = _fullest([kept, r])
     points = [
         Point(
             k,
