@@ -110,6 +110,36 @@ def test_packed_kernels_equal_the_dequantize_reference(shape, bits, dtype):
             assert (err <= _tolerance(layer, x, path)).all(), (path, err.max().item())
 
 
+_MISALIGNED = """
+import torch
+from kvpareto.weights.packed_linear import Int8PackLinear, PackedLinear
+
+def shifted(t):  # a copy of t that starts 2 bytes past a 64-byte boundary, as a view can
+    flat = torch.empty(t.numel() * t.element_size() + 2, dtype=torch.uint8)
+    view = flat[2:].view(t.dtype).view(t.shape)
+    return view.copy_(t)
+
+w = torch.randn(256, 576, generator=torch.Generator().manual_seed(0)) * 0.05
+layer = PackedLinear.quantize(w, None, 8, 576, symmetric=True)
+x = torch.randn(64, 576, generator=torch.Generator().manual_seed(1)).bfloat16()
+want = layer.forward_via("packed-bf16", x)
+odd = Int8PackLinear(8, 576, (256, 576), None, torch.bfloat16,
+                     {"codes": shifted(layer.codes), "scale": shifted(layer.scale)})
+assert odd.codes.data_ptr() % 64 == 0 and odd.scale.data_ptr() % 64 == 0
+assert torch.equal(odd.forward_via("packed-bf16", shifted(x)), want)
+print("ok")
+"""
+
+
+def test_int8_kernel_survives_tensors_that_start_off_a_64_byte_boundary():
+    """torch's int8pack kernel faults (kills the process) on codes or activations that start
+    off a 64-byte boundary, as codes read back from the weights cache did: a layer copies such
+    buffers on construction and such activations per call. Run in a child, so a fault is a
+    failure here rather than the end of the test session."""
+    done = subprocess.run([sys.executable, "-c", _MISALIGNED], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr)
+
+
 def test_layers_no_kernel_accepts_fall_back_to_dequantize():
     w = torch.randn(8, 48, generator=torch.Generator().manual_seed(0))
     assert isinstance(PackedLinear.quantize(w, None, 4, 16, False), TilesLinear)  # group 16

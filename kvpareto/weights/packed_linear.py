@@ -83,7 +83,7 @@ class PackedLinear(torch.nn.Module):
         self.out_features, self.in_features = shape
         self.compute_dtype = dtype
         for name in self.BUFFERS:
-            self.register_buffer(name, buffers.get(name))
+            self.register_buffer(name, _aligned(buffers.get(name)))
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -269,10 +269,25 @@ class Int8PackLinear(PackedLinear):
 
     def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
         scale = self.scale.view(-1).to(rows.dtype)
-        return torch.ops.aten._weight_int8pack_mm(rows, self.codes, scale)
+        return torch.ops.aten._weight_int8pack_mm(_aligned(rows), self.codes, scale)
 
 
 LAYOUTS = {cls.__name__: cls for cls in (TilesLinear, Int4PackLinear, Int8PackLinear)}
+
+
+# torch 2.13's `_weight_int8pack_mm` (AVX-512 build) dies with a general-protection fault, not an
+# error, when its activations or codes do not start on a 64-byte boundary: it happened on codes
+# read back from the weights cache (safetensors aligns tensor data to 8 bytes only). torch's own
+# allocations are 64-byte aligned, so a copy fixes a tensor that is not.
+_ALIGNMENT = 64
+
+
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t`, or a contiguous copy of it at a fresh (64-byte aligned) allocation if it starts
+    elsewhere."""
+    if t is None or t.data_ptr() % _ALIGNMENT == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _round_bf16_up(x: torch.Tensor) -> torch.Tensor:
