@@ -103,6 +103,7 @@ def test_verify_runs_the_most_accurate_points_at_the_new_length(tmp_path):
     baseline.write_text(json.dumps({"k_bits": 4, "v_bits": 4, "chunk_size": 128}))
     search = [*CLI, "search", "-m", "tiny-llama", "--space", "search_spaces/smoke.yaml"]
     search += ["--tasks", "agreement", "--context-length", "256", "--samples", "2"]
+    search += ["--knee-samples", "0"]  # the four trials only
     search += ["--trials", "4", "--baseline", str(baseline), "--out", str(tmp_path), "--study", "s"]
     done = subprocess.run(search, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -182,6 +182,7 @@ def test_the_knee_and_its_neighbours_get_the_knee_samples(studies):
     topped = rows[rows.top_up_of.notna()]
     assert set(topped.config_key) == {W.key(), C.key(), Config().key()}
     assert (topped.samples_run == 10).all()
+    assert (topped.samples_reused == 16).all()  # 8 per length came from each first trial
     assert all(len(json.loads(s)) == 20 for s in topped.samples_json)  # 10 per length
     # the knee's paired difference from the baseline is now over the 20 samples both scored
     assert knee["delta_accuracy"] == 0.0 and knee["mcnemar_p"] == 1.0
@@ -194,3 +195,33 @@ def test_a_resumed_racing_study_redoes_nothing(studies):
     after = _rows(on)
     assert len(after) == len(before) == 7
     assert list(after.samples_run) == list(before.samples_run)
+
+
+def test_a_top_up_reads_its_first_samples_from_the_full_record(tiny_models, monkeypatch):
+    """The knee top-up's first samples come from its full trial's record: the merged result
+    equals a plain run over all the samples (the mean KV bits aside: a record keeps them per
+    trial, not per prompt), and only the extra prompts are answered."""
+    import kvpareto.evaluation.trial as trial
+
+    loaded = tiny_models["tiny-llama"]
+    args = (loaded, P, ["agreement"], [128, 256], 4)
+    full = run_trial(*args, seed=0, memory_length=256)
+    plain = TrialRun(*args, seed=0, memory_length=256, extra=3).result(7)
+    run = TrialRun(*args, seed=0, memory_length=256, extra=3)
+    answered = []
+    generate = trial.generate
+    monkeypatch.setattr(trial, "generate", lambda *a, **k: answered.append(1) or generate(*a, **k))
+    assert run.reuse(full) == 8
+    topped = run.result(7)
+    assert len(answered) == 6  # 3 extra per length; the 8 recorded prompts were not answered
+    assert len(topped.samples) == 14 and topped.samples[:4] == full.samples[:4]
+
+    def same(record):
+        return {k: v for k, v in _comparable(record).items() if k != "nominal_kv_bits"}
+
+    assert same(topped) == same(plain)
+    # a record of other prompts (another seed, another sample count) is not taken
+    other = run_trial(*args, seed=1, memory_length=256)
+    assert TrialRun(*args, seed=0, memory_length=256, extra=3).reuse(other) == 0
+    fewer = run_trial(loaded, P, ["agreement"], [128, 256], 3, seed=0, memory_length=256)
+    assert TrialRun(*args, seed=0, memory_length=256, extra=3).reuse(fewer) == 0

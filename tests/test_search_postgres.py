@@ -55,6 +55,8 @@ def test_two_workers_share_one_postgres_study_started_on_an_empty_database(
         "512",
         "--samples",
         "4",
+        "--knee-samples",  # exactly n trials, no top-up
+        "0",
         "--trials",
         str(n),
         "--sampler",

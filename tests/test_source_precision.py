@@ -249,6 +249,7 @@ def _search(tmp_path, monkeypatch, loaded, groups: str, study: str):
         study=study,
         out=str(tmp_path / "results"),
         samples=1,
+        knee_samples=0,  # the grid's trials only
         dtype="float32",
     )
     summary = run_search(settings, ["test"])

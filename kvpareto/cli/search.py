@@ -42,8 +42,8 @@ def search_command(
         min=0,
         help="After the last trial, run the knee, its frontier neighbours, the most accurate "
         "point and the baseline again with this many samples per task and length (more than "
-        "--samples; e.g. 2 x --samples). Default 0, off: a top-up answers its first --samples "
-        "again, which adds about 8 trials' cost to a 24-trial search.",
+        "--samples), so the knee's paired intervals narrow. Their first --samples are read from "
+        "their own trials, not answered again. Default: 2 x --samples; 0 turns it off.",
     ),
     trials: int = typer.Option(24, help="Finished trials the study should hold."),
     sampler: str = typer.Option("nsga2", help="nsga2, tpe, gp, grid or random."),

@@ -110,6 +110,64 @@ class TrialRun:
         self.loaded: LoadedModel | None = None  # the trial's weights, once quantized
         self.memory: _MemoryAt | None = None
         self.held_out: Perplexity | None = None
+        self.own_taken = False  # the tasks that run themselves came from an earlier record
+
+    def reuse(self, earlier: TrialResult) -> int:
+        """Take the outcomes of `earlier`, this config's plain run over the plan's first `samples`
+        per task and length (a knee top-up's own full trial, from the trial cache), instead of
+        answering those prompts again; returns how many outcomes were taken.
+
+        A record is taken only if it matches the plan: the same task hashes (tasks, lengths,
+        samples and seed), one row per prompt among the first `samples`, in plan order, each
+        with the score and fidelity figures `_assemble` reads. A record that does not match is
+        left alone and every prompt is answered. Timing and the mean KV bits stay over the
+        prompts answered here (a record keeps neither per prompt).
+        """
+        if self.answered or self.outcomes.by_place:
+            raise RuntimeError("reuse() must come before the first result()")
+        plain = {
+            t.name: t.task_hash(self.plan.lengths, self.plan.samples, self.plan.seed)
+            for t in self.plan.tasks
+        }
+        if {name: score.task_hash for name, score in earlier.tasks.items()} != plain:
+            return 0
+        first = [i for i, p in enumerate(self.prompts) if p.index < self.plan.samples]
+        rows = list(earlier.samples)
+        own = rows[len(first) :]
+        if len(rows) < len(first) or not all(
+            _same_prompt(rows[k], self.prompts[i]) for k, i in enumerate(first)
+        ):
+            return 0
+        own_places = self._own_places(own)
+        if own_places is None:
+            return 0
+        for k, position in enumerate(first):
+            row = rows[k]
+            fidelity = AnswerFidelity(row["kld"], row["answer_logprob"])
+            self.outcomes.by_place[(position, 0)] = (row["task"], row["correct"], row, fidelity)
+            self.outcomes.step()
+        for place, row in zip(own_places, own, strict=True):
+            self.outcomes.by_place[place] = (row["task"], row["correct"], row, None)
+        for _ in {place[0] for place in own_places}:
+            self.outcomes.step()
+        self.answered.update(first)
+        self.own_taken = bool(own)
+        return len(rows)
+
+    def _own_places(self, rows: list[dict]) -> list[tuple[int, int]] | None:
+        """The outcome places of an earlier record's rows of the tasks that run themselves
+        (they get no extra samples, so a record holds all of theirs); None if they do not
+        cover exactly this plan's runs of those tasks."""
+        runs = {(t.name, n): r for r, (t, n) in enumerate(self.plan.own_runs)}
+        places = []
+        for row in rows:
+            run = runs.get((row["task"], row.get("context_length")))
+            if run is None:
+                return None
+            places.append((len(self.prompts) + run, row["index"]))
+        if {p[0] for p in places} != {len(self.prompts) + r for r in runs.values()}:
+            return None
+        return places
 
     def result(self, n: int, perplexity: bool = False) -> TrialResult:
         """The result over the first `n` samples per task and length (tasks that run themselves:
@@ -121,7 +179,8 @@ class TrialRun:
         _run_prompts(self.loaded, self.config, self.prompts, todo, self.outcomes, self.timer)
         self.answered.update(todo)
         if first:
-            _run_own(self.loaded, self.config, self.plan, self.outcomes, len(self.prompts))
+            if not self.own_taken:
+                _run_own(self.loaded, self.config, self.plan, self.outcomes, len(self.prompts))
             self.memory = _measure_memory(
                 self.loaded, self.config, self.prompts, self.plan.lengths, self.memory_length
             )
@@ -139,6 +198,18 @@ class TrialRun:
                 self.baseline, self.loaded, self.config, max(self.plan.lengths), self.plan.seed
             )
         return replace(result, perplexity=self.held_out) if perplexity else result
+
+
+def _same_prompt(row: dict, prompt: _Prompt) -> bool:
+    """Whether an earlier record's row answered `prompt`: its task, the facts its sample
+    carries (length, depth, ...), and the fidelity figures, which `reuse` needs."""
+    meta = prompt.sample.meta
+    return (
+        row.get("task") == prompt.task.name
+        and all(row.get(k) == v for k, v in meta.items())
+        and "kld" in row
+        and "answer_logprob" in row
+    )
 
 
 def extra_seed(seed: int) -> int:

@@ -81,8 +81,10 @@ def trial_rows(study) -> list[dict]:
             "race_delta": a.get("race_delta"),
             "race_delta_lo": (a.get("race_delta_ci") or (None, None))[0],
             "race_delta_hi": (a.get("race_delta_ci") or (None, None))[1],
-            # The knee's top-up: the trial it gives more samples to.
+            # The knee's top-up: the trial it gives more samples to, and how many outcomes it
+            # read from that trial's record instead of answering them again.
             "top_up_of": a.get("top_up_of"),
+            "samples_reused": a.get("samples_reused"),
             # The weight config rebuilds the grid the model was stored on upstream.
             "reproduces_source_grid": a.get("reproduces_source_grid"),
             # every failure the objective catches records its error; one without was cut short

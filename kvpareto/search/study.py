@@ -14,7 +14,8 @@ Reliability rules:
 - Racing (`search.racing`): a trial first runs `min_samples` per task and length and stops
   there when a cheaper finished trial is already shown more accurate on their common samples;
   after the last trial the knee and its neighbours get `knee_samples` (trials of their own,
-  marked `top_up_of`, which `--trials` does not count).
+  marked `top_up_of`, which `--trials` does not count; their first samples are read from their
+  full trial's cached record).
 - A trial that raises (out of memory, NaN logits, a bug) is recorded FAIL with its reason; the
   search goes on.
 - Re-running the same study resumes it: trials left RUNNING by a killed process are marked FAIL
@@ -88,7 +89,9 @@ class SearchSettings:
     objectives: list[str] = field(default_factory=lambda: ["memory", "accuracy"])
     samples: int = 5  # per task and length, at full fidelity
     min_samples: int | None = None  # racing's first rung; None: `racing.default_min_samples`
-    knee_samples: int | None = None  # the knee's top-up per task and length; None or 0: off
+    knee_samples: int | None = (
+        None  # the knee's top-up per task and length; None: 2 x samples; 0: off
+    )
     lengths: list[int] = field(default_factory=list)  # task prompt lengths; default: context
     dtype: str = "auto"  # the compute dtype asked for; `compute` is what it resolves to here
     storage_dtype: str = "bfloat16"  # what float weights and full-precision K/V are held in
@@ -169,10 +172,10 @@ class SearchSettings:
 
     @property
     def top_up(self) -> int:
-        """Samples per task and length the knee is given after the search; 0 when off (the
-        default: a top-up answers its first `samples` again rather than reading them from the
-        full run's record, so it costs about twice what it adds)."""
-        return self.knee_samples or 0
+        """Samples per task and length the knee is given after the search; 0 when off. The
+        default doubles `samples`: a top-up reads its first `samples` from its full trial's
+        record (`TrialRun.reuse`), so it costs what it adds, about one trial per config."""
+        return 2 * self.samples if self.knee_samples is None else self.knee_samples
 
     @property
     def task_lengths(self) -> list[int]:
@@ -263,7 +266,13 @@ class Search:
 
         states = (TrialState.COMPLETE, TrialState.FAIL)
         trials = self.study.get_trials(deepcopy=False, states=states)
-        return sum("top_up_of" not in t.user_attrs for t in trials)  # top-ups come on top
+        # Top-ups come on top. A trial whose worker died mid-trial (FAIL with no error, see
+        # `prepare`) is run again, so it is not one of the N: a crash costs no finished trial.
+        return sum(
+            "top_up_of" not in t.user_attrs
+            and (t.state == TrialState.COMPLETE or "error" in t.user_attrs)
+            for t in trials
+        )
 
     def prepare(self) -> int:
         """Enqueue baselines (first run) or recover a killed run; return the trials left to run."""
@@ -383,6 +392,9 @@ class Search:
                 return first, self.s.rung, verdict
         # A rung read from the cache was answered by no run here: the full run answers it again.
         run = run or self._trial_run(config, full)
+        if full != self.s.samples:  # a top-up: its first samples are its full trial's, cached
+            earlier = self.cache.get(eval_key(config, self.loaded.model_hash, self.s))
+            trial.set_user_attr("samples_reused", run.reuse(earlier) if earlier else 0)
         result = run.result(full, perplexity=self.s.perplexity)
         self.cache.put(key, result)
         return result, full, None
