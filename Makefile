@@ -59,18 +59,25 @@ bench: model
 	$(BIN)/python -c "import optimum.quanto" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/kvpareto bench --model $(MODEL) --threads 2
 
-# The sampler replay benchmark's stored grid (benchmarks/samplers/README.md): every config of the
-# space evaluated once by a grid study (racing off: the table needs every config's full figures),
-# then its table written beside the space. Minutes on 2 cores.
-SAMPLER_GRID := benchmarks/samplers/tiny-llama-agreement
+# The sampler replay benchmark's stored grids (benchmarks/samplers/README.md): every config of a
+# space evaluated once by a grid study (racing and the knee top-up off: the table needs every
+# config's figures at one sample count), then its table written beside the space.
+# GRID=tiny-llama-agreement (the default, 330 configs: ~15 min quiet on 2 cores) or
+# GRID=smollm2-niah (96 configs of SmolLM2-135M: about 50 min quiet on 2 cores).
+GRID ?= tiny-llama-agreement
+GRID_MODEL_tiny-llama-agreement := tiny-llama
+GRID_FLAGS_tiny-llama-agreement := --tasks agreement --context-length 512 --samples 12
+GRID_MODEL_smollm2-niah := smollm2-135m
+GRID_FLAGS_smollm2-niah := --tasks niah --context-length 2048 --task-lengths 1024,2048 --samples 5
+SAMPLER_GRID := benchmarks/samplers/$(GRID)
 sampler-grid: setup
-	$(BIN)/kvpareto search --model tiny-llama --space $(SAMPLER_GRID).yaml --tasks agreement \
-		--context-length 512 --samples 12 --min-samples 0 --sampler grid --trials 1 \
-		--study sampler-grid --out $(RESULTS)
+	$(BIN)/kvpareto search --model $(GRID_MODEL_$(GRID)) --space $(SAMPLER_GRID).yaml \
+		$(GRID_FLAGS_$(GRID)) --min-samples 0 --knee-samples 0 --sampler grid --trials 1 \
+		--study sampler-grid-$(GRID) --out $(RESULTS)
 	$(BIN)/python -c "import json, sys; from pathlib import Path; \
 		from kvpareto.search.replay import table_from_study as t; \
 		Path(sys.argv[3]).write_text(json.dumps(t(Path(sys.argv[1]), Path(sys.argv[2])), indent=1))" \
-		$(RESULTS)/tiny-llama/sampler-grid $(SAMPLER_GRID).yaml $(SAMPLER_GRID).json
+		$(RESULTS)/$(GRID_MODEL_$(GRID))/sampler-grid-$(GRID) $(SAMPLER_GRID).yaml $(SAMPLER_GRID).json
 
 # style, then the layer contract of docs/architecture.md (pyproject's [tool.importlinter])
 lint: setup

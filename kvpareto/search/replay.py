@@ -56,7 +56,9 @@ def table_from_study(folder: Path, space_path: Path) -> dict:
 
     study = json.loads((folder / "study.json").read_text())
     with (folder / "trials.csv").open() as f:
-        rows = [r for r in csv.DictReader(f) if r["state"] == "COMPLETE"]
+        # a knee top-up re-runs a config with more samples: the table keeps every config's run
+        # at the study's own sample count
+        rows = [r for r in csv.DictReader(f) if r["state"] == "COMPLETE" and not r.get("top_up_of")]
     if any(r.get("raced_out_by") for r in rows):
         raise UserError(
             f"{folder}: the grid study raced trials out at their first samples; a stored grid "

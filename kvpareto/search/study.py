@@ -89,9 +89,7 @@ class SearchSettings:
     objectives: list[str] = field(default_factory=lambda: ["memory", "accuracy"])
     samples: int = 5  # per task and length, at full fidelity
     min_samples: int | None = None  # racing's first rung; None: `racing.default_min_samples`
-    knee_samples: int | None = (
-        None  # the knee's top-up per task and length; None: 2 x samples; 0: off
-    )
+    knee_samples: int | None = None  # knee top-up per task and length; None: 2 x samples; 0: off
     lengths: list[int] = field(default_factory=list)  # task prompt lengths; default: context
     dtype: str = "auto"  # the compute dtype asked for; `compute` is what it resolves to here
     storage_dtype: str = "bfloat16"  # what float weights and full-precision K/V are held in

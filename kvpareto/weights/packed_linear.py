@@ -275,8 +275,8 @@ class Int8PackLinear(PackedLinear):
 LAYOUTS = {cls.__name__: cls for cls in (TilesLinear, Int4PackLinear, Int8PackLinear)}
 
 
-# torch 2.13's `_weight_int8pack_mm` (AVX-512 build) dies with a general-protection fault, not an
-# error, when its activations or codes do not start on a 64-byte boundary: it happened on codes
+# torch 2.13's `_weight_int8pack_mm` dies with a general-protection fault, not an error, when its
+# activations or codes do not start on a 64-byte boundary (seen on an AVX-512 CPU): it hit codes
 # read back from the weights cache (safetensors aligns tensor data to 8 bytes only). torch's own
 # allocations are 64-byte aligned, so a copy fixes a tensor that is not.
 _ALIGNMENT = 64
