@@ -22,8 +22,9 @@ Reliability rules:
   and their config is enqueued again, so at most one trial is redone per dead worker. Only local
   storages are cleaned this way (their workers all belong to this command); PostgreSQL studies
   shared by many machines are left alone.
-- `--trials N` is the number of finished trials the study should hold; K local workers split
-  the remainder exactly, so they finish N between them.
+- `--trials N` is the number of finished trials the study should hold (a trial cut short by a
+  killed process does not count: it is redone); K local workers split the remainder exactly,
+  so they finish N between them.
 - Ctrl-C stops after the current trial; a second Ctrl-C stops at once.
 """
 
