@@ -118,10 +118,12 @@ def test_a_grid_table_keeps_each_configs_run_at_the_studys_sample_count(tmp_path
         w.writeheader()
         for c in grid:
             row = {"state": "COMPLETE", "label": c.label(), "config_key": c.key()}
-            w.writerow({**row, "total_bytes": 10, "accuracy": 0.5, "top_up_of": ""})
+            # as pandas writes a byte count in a column with empty cells: "10.0"
+            w.writerow({**row, "total_bytes": "10.0", "accuracy": 0.5, "top_up_of": ""})
         w.writerow({**row, "total_bytes": 10, "accuracy": 0.75, "top_up_of": "3"})
     points = table_from_study(folder, tmp_path / "space.yaml")["points"]
     assert len(points) == len(grid) and {p["accuracy"] for p in points.values()} == {0.5}
+    assert {p["total_bytes"] for p in points.values()} == {10}
 
 
 # the floor for each stored grid: 300 configs of a tiny model, 96 of a real one

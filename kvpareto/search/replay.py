@@ -67,7 +67,8 @@ def table_from_study(folder: Path, space_path: Path) -> dict:
     points = {
         r["config_key"]: {
             "label": r["label"],
-            "total_bytes": int(r["total_bytes"]),
+            # a column with any empty cell (a failed or unfinished trial) is written as floats
+            "total_bytes": int(float(r["total_bytes"])),
             "accuracy": float(r["accuracy"]),
         }
         for r in rows
