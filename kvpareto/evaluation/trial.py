@@ -125,11 +125,10 @@ class TrialRun:
         """
         if self.answered or self.outcomes.by_place:
             raise RuntimeError("reuse() must come before the first result()")
-        plain = {
-            t.name: t.task_hash(self.plan.lengths, self.plan.samples, self.plan.seed)
-            for t in self.plan.tasks
-        }
-        if {name: score.task_hash for name, score in earlier.tasks.items()} != plain:
+        plain = replace(self.plan, extra=0)  # the plan of the run `earlier` must be
+        if {n: s.task_hash for n, s in earlier.tasks.items()} != {
+            t.name: plain.task_hash(t) for t in plain.tasks
+        }:
             return 0
         first = [i for i, p in enumerate(self.prompts) if p.index < self.plan.samples]
         rows = list(earlier.samples)
