@@ -13,6 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from kvpareto.search.samplers import REPEAT_LIMIT
 from kvpareto.stats import mcnemar_exact
 from tests.conftest import CLI
 
@@ -75,7 +76,8 @@ def test_smoke_search_writes_outputs_and_a_true_frontier(tmp_path):
     for name in ("trials.parquet", "trials.csv", "frontier.json", "study.json"):
         assert (folder / name).is_file()
     rows = _trials(folder)
-    assert len(rows) == 10 and (rows.state == "COMPLETE").all()
+    assert (rows.state == "COMPLETE").all()
+    assert rows.config_key.nunique() == 10 == (rows.repeat_of.isna()).sum()
     assert rows.iloc[0].label == "w16-k16v16-c0"  # the baseline runs first
     frontier = json.loads((folder / "frontier.json").read_text())
     keys = {e["config_key"] for e in frontier["frontier"]}
@@ -135,7 +137,7 @@ def test_rerun_resumes_and_keeps_finished_trials(tmp_path):
     first = _trials(tmp_path / "tiny-llama" / "s")
     _search(tmp_path, "--trials", "7")
     again = _trials(tmp_path / "tiny-llama" / "s")
-    assert len(again) == 7
+    assert again.config_key.nunique() == 7 == again.repeat_of.isna().sum()
     pd.testing.assert_frame_equal(
         first[["trial", "config_key", "accuracy"]].reset_index(drop=True),
         again[["trial", "config_key", "accuracy"]].head(4).reset_index(drop=True),
@@ -205,7 +207,8 @@ def test_kill_9_mid_trial_then_resume_redoes_at_most_one_trial(tmp_path):
     rows = pd.read_csv(tmp_path / "tiny-llama" / "k" / "trials.csv").set_index("trial")
     assert "interrupted" in rows.loc[killed_during, "error"]
     # the interrupted trial was run again, so the study holds the 6 it was asked for besides it
-    assert len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]) == 6
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len([t for t in complete if "repeat_of" not in t.user_attrs]) == 6
 
 
 def test_four_workers_on_one_journal_finish_exactly_n_trials(tmp_path):
@@ -217,10 +220,32 @@ def test_four_workers_on_one_journal_finish_exactly_n_trials(tmp_path):
 
     storage = JournalStorage(JournalFileBackend(str(journal)))
     trials = optuna.load_study(study_name="w:tiny-llama", storage=storage).get_trials()
-    assert len(trials) == 9
-    assert sorted(t.number for t in trials) == list(range(9))
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    assert len(_trials(tmp_path / "tiny-llama" / "w")) == 9
+    rows = _trials(tmp_path / "tiny-llama" / "w")
+    assert len(rows) == len(trials)
+    # Exactly N that count. Their samplers are seeded apart, so they do not all propose the
+    # same config at once (a config two workers run at the same time costs both, and counts).
+    assert rows.repeat_of.isna().sum() == 9
+    assert rows.config_key.nunique() > 9 // 2
+
+
+def test_a_repeated_config_does_not_count_until_the_sampler_has_converged(tmp_path):
+    space = tmp_path / "two.yaml"  # two configs, plus the 16-bit baseline enqueued first
+    space.write_text("params:\n  k_bits: [4, 8]\n  v_bits: 4\n  chunk_size: 0\n")
+    _search(tmp_path, "--space", str(space), "--sampler", "random", "--trials", "3", study="a")
+    rows = _trials(tmp_path / "tiny-llama" / "a")
+    assert rows.config_key.nunique() == 3 == rows.repeat_of.isna().sum()
+    # Asked for more distinct configs than the space holds: the repeats count once they pass
+    # (REPEAT_LIMIT - 1) x --trials, so the study stops after REPEAT_LIMIT x --trials proposals.
+    _search(tmp_path, "--space", str(space), "--sampler", "random", "--trials", "4", study="b")
+    rows = _trials(tmp_path / "tiny-llama" / "b")
+    assert len(rows) == REPEAT_LIMIT * 4 and rows.config_key.nunique() == 3
+    first = rows.drop_duplicates("config_key").set_index("config_key").trial
+    repeats = rows[rows.repeat_of.notna()]
+    assert len(repeats) == len(rows) - 3
+    assert (repeats.repeat_of.astype(int) == repeats.config_key.map(first)).all()
+    assert repeats.cached.all()
 
 
 def test_compare_grid_reports_the_fraction_of_grid_hypervolume(tmp_path):

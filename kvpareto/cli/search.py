@@ -45,7 +45,7 @@ def search_command(
         "--samples), so the knee's paired intervals narrow. Their first --samples are read from "
         "their own trials, not answered again. Default: 2 x --samples; 0 turns it off.",
     ),
-    trials: int = typer.Option(24, help="Finished trials the study should hold."),
+    trials: int = typer.Option(24, help="Distinct configs the study should finish."),
     sampler: str = typer.Option("nsga2", help="nsga2, tpe, gp, grid or random."),
     seed: int = options.seed("Sampler and task-data seed."),
     budget_mb: float | None = typer.Option(None, help="Memory budget in MB (a constraint)."),

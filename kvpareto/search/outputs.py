@@ -85,6 +85,9 @@ def trial_rows(study) -> list[dict]:
             # read from that trial's record instead of answering them again.
             "top_up_of": a.get("top_up_of"),
             "samples_reused": a.get("samples_reused"),
+            # A config the study already ran, proposed again: its first trial (`--trials` does
+            # not count it; the cache answered it).
+            "repeat_of": a.get("repeat_of"),
             # The weight config rebuilds the grid the model was stored on upstream.
             "reproduces_source_grid": a.get("reproduces_source_grid"),
             # every failure the objective catches records its error; one without was cut short

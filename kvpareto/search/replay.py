@@ -5,9 +5,9 @@ measured for it (stored under benchmarks/samplers/). Replaying a sampler asks it
 exactly as a search does (the same space, the same baselines enqueued first) but answers from the
 table, so twenty seeds of every sampler cost minutes instead of days of trials.
 
-The budget counts distinct configs evaluated: in a real search the trial cache answers a repeated
-proposal for free, so distinct configs are what costs time. A sampler that keeps proposing configs
-it has seen is stopped after `REPEAT_LIMIT` times the budget in trials, with what it found.
+The budget counts distinct configs evaluated, as a search's `--trials` does: the trial cache answers
+a repeated proposal for free. A sampler that keeps proposing configs it has seen is stopped after
+`samplers.REPEAT_LIMIT` times the budget in trials, with what it found.
 
 Scores are hypervolumes (search.frontier) of the configs found so far, divided by the hypervolume
 of the whole grid's frontier: 1.0 means the sampler has found a frontier as good as the grid's.
@@ -23,11 +23,10 @@ from pathlib import Path
 from kvpareto.config import Config, canonical
 from kvpareto.errors import UserError
 from kvpareto.search.frontier import Point, hypervolume, pareto_front
-from kvpareto.search.samplers import enqueue_fixed, make_sampler, trial_config
+from kvpareto.search.samplers import REPEAT_LIMIT, enqueue_fixed, make_sampler, trial_config
 from kvpareto.search.space import SearchSpace, load_space
 
 FRACTIONS = (0.1, 0.2, 0.4)  # of the grid's configs: where the hypervolume ratio is read
-REPEAT_LIMIT = 5
 TABLE_FORMAT = 1
 
 

@@ -23,6 +23,12 @@ from kvpareto.search.space import SearchSpace
 
 SAMPLERS: Registry[Callable[[int], object]] = Registry("sampler")  # seed -> an Optuna sampler
 
+# A proposal of a config the study already finished costs nothing (the trial cache answers it),
+# so a budget of N trials counts distinct configs. A sampler that keeps proposing what it has
+# seen has converged: after REPEAT_LIMIT x N proposals its repeats count too. The search
+# (`Search.finished`) and the replay benchmark (`replay.replay`) stop at the same point.
+REPEAT_LIMIT = 5
+
 
 @SAMPLERS.register("nsga2")
 def _nsga2(seed: int):

@@ -22,9 +22,11 @@ Reliability rules:
   and their config is enqueued again, so at most one trial is redone per dead worker. Only local
   storages are cleaned this way (their workers all belong to this command); PostgreSQL studies
   shared by many machines are left alone.
-- `--trials N` is the number of finished trials the study should hold (a trial cut short by a
-  killed process does not count: it is redone); K local workers split the remainder exactly,
-  so they finish N between them.
+- `--trials N` is the number of finished trials the study should hold. A trial cut short by a
+  killed process does not count (it is redone), nor does a config the study already ran (the
+  sampler proposed it again and the cache answered it for free; `repeat_of` names the first),
+  until repeats pass (REPEAT_LIMIT - 1) x N: a sampler that only repeats itself has converged.
+  K local workers split the remainder; this process then runs what their repeats left.
 - Ctrl-C stops after the current trial; a second Ctrl-C stops at once.
 """
 
@@ -47,7 +49,13 @@ from kvpareto.errors import UserError
 from kvpareto.evaluation.result import TrialResult
 from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
 from kvpareto.search.racing import RacedOut, default_min_samples, raced_out, rivals
-from kvpareto.search.samplers import SAMPLERS, enqueue_fixed, make_sampler, trial_config
+from kvpareto.search.samplers import (
+    REPEAT_LIMIT,
+    SAMPLERS,
+    enqueue_fixed,
+    make_sampler,
+    trial_config,
+)
 from kvpareto.search.space import SearchSpace
 from kvpareto.search.store import TrialCache, check_storage, resolve_storage
 
@@ -233,7 +241,7 @@ class _StopRequests:
 class Search:
     """One model's study: owns the Optuna study, the trial cache and the loaded model."""
 
-    def __init__(self, settings: SearchSettings, space: SearchSpace):
+    def __init__(self, settings: SearchSettings, space: SearchSpace, worker: int = 0):
         import optuna
 
         self.s = settings
@@ -253,9 +261,13 @@ class Search:
             study_name=f"{settings.study}:{settings.model}",
             storage=storage,
             directions=directions,
-            sampler=make_sampler(settings.sampler, settings.seed),
+            # Local workers seeded alike would propose the same configs at the same time (each
+            # runs before the other's result is in), so worker i's sampler gets seed + i. The
+            # task data keeps `seed`: every worker runs the same prompts.
+            sampler=make_sampler(settings.sampler, settings.seed + worker),
             load_if_exists=True,
         )
+        self.target = settings.trials  # finished trials to reach (`prepare` sets a grid's)
         self.loaded = None
         self.left_out_groups: list[int] = []  # weight groups that would rebuild the source grid
 
@@ -267,11 +279,26 @@ class Search:
         trials = self.study.get_trials(deepcopy=False, states=states)
         # Top-ups come on top. A trial whose worker died mid-trial (FAIL with no error, see
         # `prepare`) is run again, so it is not one of the N: a crash costs no finished trial.
-        return sum(
-            "top_up_of" not in t.user_attrs
-            and (t.state == TrialState.COMPLETE or "error" in t.user_attrs)
+        counted = [
+            t
             for t in trials
-        )
+            if "top_up_of" not in t.user_attrs
+            and (t.state == TrialState.COMPLETE or "error" in t.user_attrs)
+        ]
+        # A repeated config cost nothing, so it is not one of the N either, up to a limit.
+        repeats = sum("repeat_of" in t.user_attrs for t in counted)
+        return len(counted) - min(repeats, (REPEAT_LIMIT - 1) * self.s.trials)
+
+    def _first_trial_of(self, key: str, before: int) -> int | None:
+        """The number of the study's first complete trial of config `key` (not a top-up)."""
+        from optuna.trial import TrialState
+
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            config = t.user_attrs.get("config")
+            first = t.number < before and config and "top_up_of" not in t.user_attrs
+            if first and Config.from_dict(config).key() == key:
+                return t.number
+        return None
 
     def prepare(self) -> int:
         """Enqueue baselines (first run) or recover a killed run; return the trials left to run."""
@@ -294,10 +321,10 @@ class Search:
                     if redo:
                         redo = Config.from_dict(redo)
                         enqueue_fixed(self.study, self.space, [redo], self._n_layers())
-        target = self.s.trials
+        self.target = self.s.trials
         if self.s.sampler == "grid":
-            target = max(target, len(self.study.get_trials(deepcopy=False)))
-        return max(target - self.finished(), 0)
+            self.target = max(self.target, len(self.study.get_trials(deepcopy=False)))
+        return max(self.target - self.finished(), 0)
 
     # --- running -------------------------------------------------------------------------------
     def load_model(self):
@@ -346,6 +373,11 @@ class Search:
         for name, value in result.study_attrs().items():
             trial.set_user_attr(name, value)
         trial.set_user_attr("samples_run", samples_run)
+        if trial.user_attrs.get("cached") and "top_up_of" not in trial.user_attrs:
+            # the sampler proposed a config this study already ran: answered for free
+            earlier = self._first_trial_of(config.key(), before=trial.number)
+            if earlier is not None:
+                trial.set_user_attr("repeat_of", earlier)
         for name, value in (verdict.attrs() if verdict else {}).items():
             trial.set_user_attr(name, value)
         memory_mb = result.memory.measured.total_bytes / 1e6
@@ -479,13 +511,13 @@ class _EventStop:
         return self.event.is_set()
 
 
-def _worker(settings: SearchSettings, n_trials: int | None, stop_event) -> None:
+def _worker(settings: SearchSettings, n_trials: int | None, stop_event, index: int) -> None:
     """Entry point of one local worker process (spawned): run its share of trials, or, on a
     shared PostgreSQL study, trials until the study holds `settings.trials`."""
     from kvpareto.search.space import load_space
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    search = Search(settings, load_space(settings.space_path))
+    search = Search(settings, load_space(settings.space_path), worker=index)
     target = None if search.local_storage else settings.trials
     search.run(n_trials, stop=_EventStop(stop_event), target=target)
 
@@ -529,9 +561,11 @@ def run_search(settings: SearchSettings, command: list[str], progress=None) -> d
             # Other machines share this study: run until it holds N trials, whoever ran them.
             search.run(None, on_trial=on_trial, stop=stop, target=settings.trials)
         elif settings.workers == 1 or remaining <= 1:
-            search.run(remaining, on_trial=on_trial, stop=stop)
+            search.run(None, on_trial=on_trial, stop=stop, target=search.target)
         else:
             _run_workers(search, settings, remaining, stop, report)
+            if not stop.requested:  # the workers' repeated configs did not count: run more here
+                search.run(None, on_trial=on_trial, stop=stop, target=search.target)
         if settings.top_up and not stop.requested and search.finished() >= settings.trials:
             keys = top_up_keys(frontier_summary(trial_rows(search.study)))
             search.top_up(keys, on_trial=on_trial, stop=stop)
@@ -547,7 +581,9 @@ def _run_workers(search: Search, settings: SearchSettings, remaining: int, stop,
         shares = [None] * workers  # a shared study: each runs until the study holds N
     ctx = mp.get_context("spawn")
     stop_event = ctx.Event()
-    procs = [ctx.Process(target=_worker, args=(settings, n, stop_event)) for n in shares]
+    procs = [
+        ctx.Process(target=_worker, args=(settings, n, stop_event, i)) for i, n in enumerate(shares)
+    ]
     for p in procs:
         p.start()
     seen = search.finished()
