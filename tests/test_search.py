@@ -314,3 +314,20 @@ def test_trial_cache_keys_hold_the_resolved_compute_dtype_and_the_storage_dtype(
     other = "float32" if here == "bfloat16" else "bfloat16"
     assert key(dtype="auto") == key(dtype=here) != key(dtype=other)
     assert key(dtype="float32", storage_dtype="float32") != key(dtype="float32")
+
+
+def test_resuming_with_settings_that_change_the_figures_is_refused_and_loses_nothing(tmp_path):
+    _search(tmp_path, "--trials", "2")
+    folder = tmp_path / "tiny-llama" / "s"
+    done = _search(tmp_path, "--trials", "3", "--samples", "4", check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "samples 6" in done.stderr and "samples 4" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert len(_trials(folder)) == 2
+    # A study from before the settings were recorded is checked against its study.json.
+    study = optuna.load_study(study_name="s:tiny-llama", storage=f"sqlite:///{folder / 'study.db'}")
+    study.set_user_attr("defining", None)
+    done = _search(tmp_path, "--trials", "3", "--seed", "1", check=False)
+    assert done.returncode == 2 and "seed 0" in done.stderr and "seed 1" in done.stderr
+    _search(tmp_path, "--trials", "3")  # the same settings resume it
+    assert _trials(folder).repeat_of.isna().sum() == 3

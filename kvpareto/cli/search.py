@@ -101,8 +101,13 @@ def search_command(
         )
         for m in model
     ]
+    from kvpareto.search.space import load_space
+    from kvpareto.search.study import Search
+
     for settings in runs:
         settings.validate()
+        # before any bar is drawn or model loaded: a study resumed with other settings
+        Search(settings, load_space(settings.space_path)).check_resumable()
     for settings in runs:
         _search_one(settings)
 

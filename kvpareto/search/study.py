@@ -188,6 +188,19 @@ class SearchSettings:
     def task_lengths(self) -> list[int]:
         return self.lengths or [self.context_length]
 
+    def defining(self) -> dict:
+        """The settings that decide what a trial's figures mean (`Search.check_resumable`)."""
+        return {
+            "tasks": list(self.tasks),
+            "task_lengths": self.task_lengths,
+            "samples": self.samples,
+            "seed": self.seed,
+            "context_length": self.context_length,
+            "objectives": list(self.objectives),
+            "compute_dtype": self.compute.name,
+            "storage_dtype": self.storage_dtype,
+        }
+
     def study_dir(self) -> Path:
         return Path(self.out) / self.model.replace("/", "_") / self.study
 
@@ -272,6 +285,28 @@ class Search:
         self.left_out_groups: list[int] = []  # weight groups that would rebuild the source grid
 
     # --- bookkeeping ---------------------------------------------------------------------------
+    def check_resumable(self) -> None:
+        """Refuse to resume a study with settings that change what its trials' figures mean
+        (tasks, lengths, samples, seed, dtypes...): one frontier would mix incomparable
+        trials. A new study records its settings; one from before they were recorded is
+        checked against the study.json beside it."""
+        wanted = self.s.defining()
+        if not self.study.get_trials(deepcopy=False):
+            self.study.set_user_attr("defining", wanted)
+            return
+        held = self.study.user_attrs.get("defining")
+        if held is None and (self.dir / "study.json").is_file():
+            facts = json.loads((self.dir / "study.json").read_text())
+            held = {k: facts.get(k) for k in wanted}
+        changed = [k for k in wanted if held is not None and held.get(k) != wanted[k]]
+        if changed:
+            was = ", ".join(f"{k} {held[k]}" for k in changed)
+            now = ", ".join(f"{k} {wanted[k]}" for k in changed)
+            raise UserError(
+                f"study {self.s.study!r} of {self.s.model} was run with {was}; this command "
+                f"asks for {now}: pass those settings to resume it, or another --study"
+            )
+
     def finished(self) -> int:
         from optuna.trial import TrialState
 
@@ -534,6 +569,7 @@ def run_search(settings: SearchSettings, command: list[str], progress=None) -> d
     settings.validate()
     space = load_space(settings.space_path)
     search = Search(settings, space)
+    search.check_resumable()
     search.load_model()  # first: the grid sampler enqueues the space the weights leave
     remaining = search.prepare()
     source = search.loaded.source_precision
