@@ -143,10 +143,10 @@ class TrialRun:
         for k, position in enumerate(first):
             row = rows[k]
             fidelity = AnswerFidelity(row["kld"], row["answer_logprob"])
-            self.outcomes.by_place[(position, 0)] = (row["task"], row["correct"], row, fidelity)
+            self.outcomes.take((position, 0), row, fidelity)
             self.outcomes.step()
         for place, row in zip(own_places, own, strict=True):
-            self.outcomes.by_place[place] = (row["task"], row["correct"], row, None)
+            self.outcomes.take(place, row)
         for _ in {place[0] for place in own_places}:
             self.outcomes.step()
         self.answered.update(first)
@@ -292,6 +292,10 @@ class _Outcomes:
         if fidelity is not None:
             row |= {"kld": fidelity.kld, "answer_logprob": fidelity.answer_logprob}
         self.by_place[place] = (task.name, score, row, fidelity)
+
+    def take(self, place: tuple[int, int], row: dict, fidelity: AnswerFidelity | None = None):
+        """Keep a row an earlier run recorded (`TrialRun.reuse`) as this place's outcome."""
+        self.by_place[place] = (row["task"], row["correct"], row, fidelity)
 
     def _ordered(self):
         return [self.by_place[k] for k in sorted(self.by_place)]
