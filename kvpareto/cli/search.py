@@ -46,7 +46,7 @@ def search_command(
         "their own trials, not answered again. Default: 2 x --samples; 0 turns it off.",
     ),
     trials: int = typer.Option(24, help="Distinct configs the study should finish."),
-    sampler: str = typer.Option("nsga2", help="nsga2, tpe, gp, grid or random."),
+    sampler: str = typer.Option("tpe", help="tpe (multivariate), nsga2, gp, grid or random."),
     seed: int = options.seed("Sampler and task-data seed."),
     budget_mb: float | None = typer.Option(None, help="Memory budget in MB (a constraint)."),
     study: str = typer.Option("default", help="Study name; re-running it resumes."),

@@ -88,7 +88,7 @@ class SearchSettings:
     tasks: list[str]
     context_length: int
     trials: int
-    sampler: str = "nsga2"
+    sampler: str = "tpe"
     seed: int = 0
     budget_mb: float | None = None
     study: str = "default"
