@@ -197,6 +197,7 @@ class SearchSettings:
             "seed": self.seed,
             "context_length": self.context_length,
             "objectives": list(self.objectives),
+            "budget_mb": self.budget_mb,  # each trial's feasibility is set against it
             "compute_dtype": self.compute.name,
             "storage_dtype": self.storage_dtype,
         }
