@@ -72,11 +72,12 @@ def _without_knee(frontier: dict) -> dict:
 
 def test_knee_is_the_default_point_and_a_missing_knee_or_label_is_a_user_error():
     frontier = _frontier()
-    assert [e["knee"] for e in frontier["frontier"]] == [False, True]
-    assert pick_point(frontier, "knee") is frontier["frontier"][1]
+    knees = [e for e in frontier["frontier"] if e["knee"]]
+    assert len(knees) == 1 and len(frontier["frontier"]) > 1  # the golden study has a knee
+    assert pick_point(frontier, "knee") is knees[0]
     with pytest.raises(UserError, match="no knee"):
         pick_point(_without_knee(frontier), "knee")
-    with pytest.raises(UserError, match="w16-k4v2-tok-g32-r16-c128"):
+    with pytest.raises(UserError, match=frontier["frontier"][-1]["label"]):  # names the choices
         pick_point(frontier, "w16-k3v3")
 
 

@@ -12,7 +12,8 @@ if [ "${1:-}" != "--outputs-only" ]; then
   out=/tmp/golden  # the path is recorded in study.json's command
   rm -rf "$out"
   .venv/bin/python -m kvpareto search --model tiny-llama --space search_spaces/smoke.yaml \
-    --tasks agreement --context-length 512 --samples 6 --trials 12 --study smoke --out "$out" \
+    --tasks agreement --context-length 512 --samples 6 --trials 12 --sampler nsga2 --study smoke \
+    --out "$out" \
     --dtype bfloat16
   cp "$out"/tiny-llama/smoke/{study.db,trials.csv,frontier.json,study.json} "$golden"/
   rm -rf "$golden/trial-cache"
