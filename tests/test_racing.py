@@ -21,8 +21,14 @@ from kvpareto.config import Config
 from kvpareto.errors import UserError
 from kvpareto.evaluation.trial import TrialRun, run_trial
 from kvpareto.search.paired import outcomes
-from kvpareto.search.racing import Rival, default_min_samples, raced_out, top_up_keys
-from kvpareto.search.study import SearchSettings, eval_key, run_search
+from kvpareto.search.racing import (
+    TOP_UP_ROUNDS,
+    Rival,
+    default_min_samples,
+    raced_out,
+    top_up_keys,
+)
+from kvpareto.search.study import Search, SearchSettings, eval_key, run_search
 
 SMOKE_SPACE = str(Path(__file__).parent.parent / "search_spaces" / "smoke.yaml")
 W = Config(weights="int4", weight_group_size=128)
@@ -72,6 +78,39 @@ def test_the_top_up_takes_the_knee_its_neighbours_the_best_point_and_the_baselin
     summary = {"frontier": front, "baseline": {"trial": 0}}
     assert top_up_keys(summary) == ["a", "b", "c", "d", Config().key()]
     assert top_up_keys({"frontier": front[:1], "baseline": None}) == []
+
+
+def _scripted_search(monkeypatch, groups: list[list[str]]):
+    """A Search whose frontier reads give the knee groups `groups` in turn and whose `top_up`
+    records the keys it would top up: the rounds' logic without a model."""
+    from kvpareto.search import outputs, racing
+
+    reads = iter(groups)
+    monkeypatch.setattr(racing, "top_up_keys", lambda summary: next(reads))
+    monkeypatch.setattr(outputs, "trial_rows", lambda study: [])
+    monkeypatch.setattr(outputs, "frontier_summary", lambda rows: {})
+    search = Search.__new__(Search)
+    search.study, search.topped = None, []
+
+    def top_up(keys, on_trial=None, stop=None):
+        new = [k for k in keys if k not in search.topped]
+        search.topped += new
+        return len(new)
+
+    search.top_up = top_up
+    return search
+
+
+def test_the_top_up_follows_a_knee_that_its_samples_moved(monkeypatch):
+    search = _scripted_search(monkeypatch, [["a", "b"], ["b", "c"], ["b", "c"]])
+    assert search.top_up_knee() == 3 and search.topped == ["a", "b", "c"]
+
+
+def test_a_knee_that_keeps_moving_is_topped_up_for_at_most_the_bounded_rounds(monkeypatch):
+    groups = [[f"k{i}"] for i in range(TOP_UP_ROUNDS + 2)]
+    search = _scripted_search(monkeypatch, groups)
+    assert search.top_up_knee() == TOP_UP_ROUNDS
+    assert search.topped == [f"k{i}" for i in range(TOP_UP_ROUNDS)]
 
 
 def _comparable(result) -> dict:

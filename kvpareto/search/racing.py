@@ -95,6 +95,12 @@ def raced_out(mine: Outcomes, memory_mb: float, against: list[Rival]) -> RacedOu
     return None if best is None else RacedOut(by, best)
 
 
+# Rounds of knee top-ups at most: each re-reads the frontier, whose knee the last round's extra
+# samples may have moved. Three leave room for the knee to move twice; each round costs up to
+# four configs' extra samples.
+TOP_UP_ROUNDS = 3
+
+
 def top_up_keys(summary: dict) -> list[str]:
     """Config keys to give more samples after the search: the knee, its neighbours on the front,
     the front's most accurate point and the baseline; none without a knee."""

@@ -15,7 +15,7 @@ Reliability rules:
   there when a cheaper finished trial is already shown more accurate on their common samples;
   after the last trial the knee and its neighbours get `knee_samples` (trials of their own,
   marked `top_up_of`, which `--trials` does not count; their first samples are read from their
-  full trial's cached record).
+  full trial's cached record), again for the new knee's group where the top-up moved the knee.
 - A trial that raises (out of memory, NaN logits, a bug) is recorded FAIL with its reason; the
   search goes on.
 - Re-running the same study resumes it: trials left RUNNING by a killed process are marked FAIL
@@ -480,10 +480,27 @@ class Search:
             extra=samples - self.s.samples,
         )
 
-    def top_up(self, keys: list[str], on_trial=None, stop=None) -> None:
+    def top_up_knee(self, on_trial=None, stop=None) -> int:
+        """Top up the knee's group (`racing.top_up_keys`) until every config in it has its
+        top-up; return how many configs were topped up. More samples change a config's figures
+        and can move the knee (a point first read at 0.9 of 10 samples may hold 0.75 of 40), so
+        the group is read again after each round; TOP_UP_ROUNDS bounds the cost."""
+        from kvpareto.search.outputs import frontier_summary, trial_rows
+        from kvpareto.search.racing import TOP_UP_ROUNDS, top_up_keys
+
+        ran = 0
+        for _ in range(TOP_UP_ROUNDS):
+            keys = top_up_keys(frontier_summary(trial_rows(self.study)))
+            new = self.top_up(keys, on_trial=on_trial, stop=stop)
+            ran += new
+            if not new:
+                break
+        return ran
+
+    def top_up(self, keys: list[str], on_trial=None, stop=None) -> int:
         """Run each config of `keys` again with `top_up` samples per task and length, as a trial
         of its own marked `top_up_of` (its first full trial); a config the study already holds
-        a top-up of is skipped, so a resumed study redoes none."""
+        a top-up of is skipped, so a resumed study redoes none. Returns how many ran."""
         from optuna.trial import TrialState
 
         first: dict[str, object] = {}
@@ -497,9 +514,11 @@ class Search:
                 topped.add(key)
             else:
                 first.setdefault(key, t)
+        ran = 0
         for key in keys:
             if key in topped or key not in first or (stop is not None and stop.requested):
                 continue
+            ran += 1
             t = first[key]
             config = Config.from_dict(t.user_attrs["config"])
             attrs = {"top_up_of": t.number}
@@ -509,6 +528,7 @@ class Search:
             )
             if on_trial:
                 on_trial(self.study.get_trials(deepcopy=False)[-1])
+        return ran
 
     def run(
         self, n_trials: int | None, on_trial=None, stop=None, target: int | None = None
@@ -564,7 +584,6 @@ def run_search(settings: SearchSettings, command: list[str], progress=None) -> d
     `progress(done, total, summary, last_label)` is called after every finished trial.
     """
     from kvpareto.search.outputs import frontier_summary, trial_rows, write_outputs
-    from kvpareto.search.racing import top_up_keys
     from kvpareto.search.space import load_space
 
     settings.validate()
@@ -604,8 +623,7 @@ def run_search(settings: SearchSettings, command: list[str], progress=None) -> d
             if not stop.requested:  # the workers' repeated configs did not count: run more here
                 search.run(None, on_trial=on_trial, stop=stop, target=search.target)
         if settings.top_up and not stop.requested and search.finished() >= settings.trials:
-            keys = top_up_keys(frontier_summary(trial_rows(search.study)))
-            search.top_up(keys, on_trial=on_trial, stop=stop)
+            search.top_up_knee(on_trial=on_trial, stop=stop)
     return write_outputs(search.study, search.dir, facts)
 
 
