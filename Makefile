@@ -17,7 +17,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvpareto-installed
 RESULTS ?= results
 
-.PHONY: setup model search smoke test report bench sampler-grid lint format lock clean
+.PHONY: setup model search smoke test report bench bench-peers sampler-grid lint format lock clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,12 @@ bench: model
 	$(BIN)/python -c "import optimum.quanto" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/kvpareto bench --model $(MODEL) --threads 2
 
+# llama.cpp beside ours on the same GGUF (issue #14's peer): pip compiles llama-cpp-python for
+# this CPU the first time (several minutes on 2 cores), then decode is timed at 1k, 4k and 8k.
+bench-peers: model
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[peers]"
+	$(BIN)/kvpareto bench --model $(MODEL) --threads 2 --parts peers --context-lengths 1024,4096,8192
+
 # The sampler replay benchmark's stored grids (benchmarks/samplers/README.md): every config of a
 # space evaluated once by a grid study (racing and the knee top-up off: the table needs every
 # config's figures at one sample count), then its table written beside the space.
@@ -95,7 +101,7 @@ format: setup
 lock: setup
 	$(BIN)/python -m pip install --quiet uv
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --upgrade --quiet \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra bench --extra peers --upgrade --quiet \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--constraint $(VENV)/torch-pin.txt $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
 		--no-emit-package torch --custom-compile-command "make lock" -o constraints.txt

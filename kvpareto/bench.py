@@ -9,7 +9,8 @@ Targets live here, not in tests: tests check behaviour, wall time belongs to ben
 - the measured activation peak against chunk size;
 - weight quantization: AWQ and RTN quantization time, and weight bytes and decode tokens/s of
   int8/int4/awq4 over the unquantized model, with the decode path their layers take;
-- KV pruning: NIAH accuracy and KV bytes against prune rate, over no pruning.
+- KV pruning: NIAH accuracy and KV bytes against prune rate, over no pruning;
+- the peer: decode tokens/s of llama.cpp on the same GGUF beside ours (`peer_bench`).
 Decode rates are timed round-robin across caches (see `decode_rates`); the median is kept.
 """
 
@@ -333,8 +334,74 @@ def targets(rows: dict) -> list[dict]:
         add("KV-only trial with prefill reuse ÷ cold trial", ratio, "<= 0.25", ratio <= 0.25)
     if "dtype" in rows:
         add("prefill tok/s, auto ÷ bf16", rows["dtype"]["auto_vs_bf16"], None, None)
+    for r in rows.get("peers", {}).get("rows", []):
+        if r["kv_bits"] == 4:
+            measure = (
+                f"int4 weights + int4 KV ÷ llama.cpp (GGUF weights + q4_0 KV) at {r['context']}"
+            )
+            ratio = r["ours_int4_vs_llama"]
+            goal = 0.5 if r["context"] == 4096 else None
+            add(measure, ratio, f">= {goal}" if goal else None, ratio >= goal if goal else None)
     for r in rows.get("decode", []):
         if r["scheme"] == "static" and r["kv_bits"] in (16, 4):
             measure = f"{r['kv_bits']}-bit KV decode ÷ DynamicCache at {r['context']}"
             add(measure, r["vs_dynamic"], None, None)
     return found
+
+
+OUR_PEER_WEIGHTS = {"float": Config(), "int4": Config(weights="int4", weight_group_size=32)}
+
+
+def peer_bench(loaded, ref: str, lengths: list[int], steps: int, rounds: int, log=print) -> dict:
+    """Decode tokens/s of llama.cpp (`peers`) and of ours after the same seeded prompt, with
+    the same thread count, at each length, and ours ÷ llama.cpp for the closest pairs.
+
+    - llama.cpp runs the GGUF's own weights (SmolLM2: Q4_1) with f16, q8_0 and q4_0 KV, flash
+      attention on (its quantized V cache needs it).
+    - Ours runs the weights dequantized from that GGUF ("float", in the compute dtype), and
+      those re-quantized to int4 in groups of 32 like Q4_1's blocks, each with 16-, 8- and
+      4-bit KV. Int4 weights with n-bit KV is the pair compared with llama.cpp.
+    The runtimes take turns by length, not by round: each keeps its own thread pool.
+    """
+    from kvpareto import peers
+    from kvpareto.weights.quantize import quantized_model
+
+    peers.require()
+    path = peers.gguf_file(ref)
+    threads = torch.get_num_threads()
+    dtype = next(loaded.model.parameters()).dtype
+    models = {name: quantized_model(loaded, cfg).model for name, cfg in OUR_PEER_WEIGHTS.items()}
+    rows = []
+    for length in lengths:
+        prompt = _prompt(length, loaded.model)
+        theirs = {}
+        for bits, kv_type in peers.KV_TYPES.items():
+            ids = prompt[0].tolist()
+            theirs[bits] = peers.llama_decode_rate(path, ids, kv_type, threads, steps, rounds)
+            log(f"{length}: llama.cpp, {kv_type} KV: {theirs[bits]:.1f} tok/s")
+        runs = {
+            (weights, bits): (
+                model,
+                lambda m=model, b=bits: make_cache(m, Config(k_bits=b, v_bits=b), dtype),
+            )
+            for weights, model in models.items()
+            for bits in peers.KV_TYPES
+        }
+        ours = model_decode_rates(runs, prompt, steps, rounds)
+        for bits, kv_type in peers.KV_TYPES.items():
+            row = {
+                "context": length,
+                "kv_bits": bits,
+                "llama_kv": kv_type,
+                "llama_tokens_per_s": theirs[bits],
+                "ours_float_tokens_per_s": ours[("float", bits)],
+                "ours_int4_tokens_per_s": ours[("int4", bits)],
+                "ours_int4_vs_llama": ours[("int4", bits)] / theirs[bits],
+            }
+            rows.append(row)
+            log(
+                f"{length}: ours, {bits}-bit KV: float weights {row['ours_float_tokens_per_s']:.1f}"
+                f", int4 weights {row['ours_int4_tokens_per_s']:.1f} tok/s "
+                f"({row['ours_int4_vs_llama']:.2f}x llama.cpp with {kv_type})"
+            )
+    return {"gguf": path.name, "threads": threads, "llama_build": peers.llama_build(), "rows": rows}

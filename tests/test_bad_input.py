@@ -141,3 +141,15 @@ def test_bad_eval_input(tmp_path, name, args, word):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert word.lower() in lines[0].lower(), lines[0]
+
+
+def test_bench_peers_without_a_peer_or_a_gguf():
+    """`--parts peers` on a tiny model fails in one line: without llama-cpp-python (as in CI) it
+    says how to install it; with it, that a built-in model has no GGUF for llama.cpp."""
+    args = ["bench", "--model", "tiny-llama", "--parts", "peers", "--context-lengths", "64"]
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "make bench-peers" in lines[0] or "GGUF" in lines[0], lines[0]

@@ -13,7 +13,7 @@ from kvpareto.cli.tables import mib
 from kvpareto.errors import UserError
 from kvpareto.hardware import cpu_flag_summary
 
-PARTS = ("kv", "weights", "prune", "reuse", "dtype", "samplers")
+PARTS = ("kv", "weights", "prune", "reuse", "dtype", "samplers", "peers")
 MODEL_PARTS = set(PARTS) - {"samplers"}  # samplers replay stored tables: no model is loaded
 
 
@@ -27,7 +27,8 @@ def bench_command(
     storage_dtype: str = options.storage_dtype(),
     parts: str = typer.Option(
         "kv,weights,prune,reuse,dtype",
-        help="Which benchmarks: kv, weights, prune, reuse, dtype, samplers.",
+        help="Which benchmarks: kv, weights, prune, reuse, dtype, samplers, peers "
+        "(llama.cpp on the same GGUF; `make bench-peers` installs it).",
     ),
     prune_samples: int = typer.Option(10, min=1, help="NIAH prompts per prune rate."),
     grids: str = typer.Option(
@@ -54,6 +55,10 @@ def bench_command(
         raise UserError(
             f"--parts takes a comma-separated subset of {', '.join(sorted(PARTS))}; got {parts!r}"
         )
+    if "peers" in chosen:
+        from kvpareto import peers
+
+        peers.require()  # before a model is loaded
     if threads:
         torch.set_num_threads(threads)
     rows: dict = {}
@@ -78,6 +83,8 @@ def bench_command(
         _print_kv_bench(rows, compute, storage)
     if "samplers" in rows:
         _print_samplers(rows["samplers"])
+    if "peers" in rows:
+        _print_peers(rows["peers"], rows["cpu_flags"])
     if rows["targets"]:
         _print_targets(rows)
 
@@ -134,7 +141,14 @@ def _measure(loaded, model, chosen, lengths, steps, repeats, prune_samples, stor
     """The chosen parts, each against its own baseline measured here."""
     import torch
 
-    from kvpareto.bench import dtype_bench, prune_bench, reuse_bench, run_bench, weight_bench
+    from kvpareto.bench import (
+        dtype_bench,
+        peer_bench,
+        prune_bench,
+        reuse_bench,
+        run_bench,
+        weight_bench,
+    )
 
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
     rows = run_bench(loaded.model, lengths, steps, repeats, log=log) if "kv" in chosen else {}
@@ -146,6 +160,8 @@ def _measure(loaded, model, chosen, lengths, steps, repeats, prune_samples, stor
         rows["reuse"] = reuse_bench(loaded, min(lengths), prune_samples, log=log)
     if "dtype" in chosen:
         rows["dtype"] = dtype_bench(model, getattr(torch, storage), max(lengths), repeats, log=log)
+    if "peers" in chosen:
+        rows["peers"] = peer_bench(loaded, model, lengths, steps, repeats, log=log)
     rows["model"], rows["threads"] = loaded.spec.name, torch.get_num_threads()
     return rows
 
@@ -217,6 +233,27 @@ def _print_kv_bench(rows: dict, compute, storage: str) -> None:
             mib(a["activation_peak_bytes"]),
         )
     out.print(pre)
+
+
+def _print_peers(peers: dict, cpu_flags: str) -> None:
+    table = Table(
+        title=f"decode tokens/s beside llama.cpp on {peers['gguf']}, {peers['threads']} threads "
+        f"(CPU flags: {cpu_flags})",
+        caption=f"llama.cpp built with: {peers['llama_build']}",
+    )
+    cols = ("context", "KV", "llama.cpp (GGUF weights)", "ours, float weights", "ours, int4 g32")
+    for col in (*cols, "ours int4 ÷ llama.cpp"):
+        table.add_column(col)
+    for r in peers["rows"]:
+        table.add_row(
+            str(r["context"]),
+            f"{r['kv_bits']}-bit / {r['llama_kv']}",
+            f"{r['llama_tokens_per_s']:.1f}",
+            f"{r['ours_float_tokens_per_s']:.1f}",
+            f"{r['ours_int4_tokens_per_s']:.1f}",
+            f"{r['ours_int4_vs_llama']:.2f}x",
+        )
+    out.print(table)
 
 
 def _print_targets(rows: dict) -> None:
