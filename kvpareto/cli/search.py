@@ -106,7 +106,9 @@ def search_command(
 
     for settings in runs:
         settings.validate()
-        # before any bar is drawn or model loaded: a study resumed with other settings
+        # A study resumed with other settings fails here, before any bar is drawn or model
+        # loaded, and before the first of several models spends its hour (run_search checks
+        # again for callers that skip the CLI).
         Search(settings, load_space(settings.space_path)).check_resumable()
     for settings in runs:
         _search_one(settings)
