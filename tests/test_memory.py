@@ -93,12 +93,9 @@ def test_packed_weight_temporaries_are_measured_and_modeled(smollm2, weights):
     modeled = modeled_activation_peak(model.config, cfg, 512, torch.bfloat16)
     # The probe times the paths, so a busy machine may pick a kernel path, which leaves no
     # dequantized temporary: the temporary is required only where the dequantize path runs.
-    from kvpareto.weights.packed_linear import call_path, weight_group
+    from kvpareto.memory.model import widest_linear_path
 
-    h, inter = model.config.hidden_size, model.config.intermediate_size
-    bits = 4 if weights == "int4" else 8
-    group = weight_group(cfg.weight_group_size, inter) if bits == 4 else inter
-    if call_path(bits, (h, inter), group, torch.bfloat16, 32) == "dequantize":
+    if widest_linear_path(model.config, cfg, 32, torch.bfloat16) == "dequantize":
         assert measured > unquantized + (2**19 if weights == "int4" else 2**18)
     assert abs(modeled - measured) <= GRID_TOLERANCE * modeled, (measured, modeled)
 

@@ -268,22 +268,37 @@ def _head_moment(cfg, config: Config, c: int, dtype: torch.dtype) -> int:
     return held + head_block_rows(vocab, h) * h * (e + codes)
 
 
+def _widest_linear(cfg, config: Config) -> tuple[int, int, int, int]:
+    """(bits, output width h, input width, group) of the widest packed linear (down_proj)."""
+    from kvpareto.weights.packed_linear import weight_group
+
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or h // heads
+    width = max(cfg.intermediate_size, heads * d)  # the widest linear's input; its output is h
+    bits = 8 if config.weights == "int8" else 4
+    group = weight_group(config.weight_group_size, width) if bits == 4 else width
+    return bits, h, width, group
+
+
+def widest_linear_path(cfg, config: Config, c: int, dtype: torch.dtype) -> str:
+    """The call path (`packed_linear.call_path`) the widest packed linear takes on a chunk of c
+    tokens on this machine: what decides its temporaries."""
+    from kvpareto.weights.packed_linear import call_path
+
+    bits, h, width, group = _widest_linear(cfg, config)
+    return call_path(bits, (h, width), group, dtype, c)
+
+
 def _weight_moment(cfg, config: Config, c: int, dtype: torch.dtype) -> int:
     """Bytes live while the widest packed linear (down_proj) runs on a chunk of c tokens."""
     from kvpareto.weights import int4pack
-    from kvpareto.weights.packed_linear import call_path, weight_group
 
     if config.weights == "none":
         return 0
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    heads = cfg.num_attention_heads
-    d = getattr(cfg, "head_dim", None) or h // heads
-    width = max(inter, heads * d)  # the input width of the widest linear; its output is h
+    bits, h, width, group = _widest_linear(cfg, config)
     e = torch.finfo(dtype).bits // 8
-    chunk = c * (inter + 3 * h) * e
-    bits = 8 if config.weights == "int8" else 4
-    group = weight_group(config.weight_group_size, width) if bits == 4 else width
-    path = call_path(bits, (h, width), group, dtype, c)
+    chunk = c * (cfg.intermediate_size + 3 * h) * e
+    path = widest_linear_path(cfg, config, c, dtype)
     if path == "packed-bf16":
         return chunk + c * (width + h) * 2
     if path == "packed":
