@@ -30,6 +30,9 @@ SCHEMES = [
     Config(k_bits=4, v_bits=4, symmetric=True, group_size=64),
     Config(k_bits=4, v_bits=4, k_smooth=True, rotation="hadamard", residual_length=3),
     Config(k_bits=2, v_bits=4, k_granularity="per-channel", k_smooth=True, rotation="hadamard"),
+    Config(k_bits=16, v_bits=16),  # all tail: DynamicCache's values, read in place
+    Config(k_bits=16, v_bits=4, residual_length=7),
+    Config(k_bits=4, v_bits=16, k_granularity="per-channel", rotation="hadamard"),
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -116,7 +119,7 @@ def test_schemes_the_kernel_does_not_read_keep_the_reference_path(tiny_models):
     for cfg in (
         Config(k_bits=4, v_bits=4, k_granularity="per-block"),
         Config(k_bits=4, v_bits=4, v_granularity="per-channel"),
-        Config(k_bits=16, v_bits=4),
+        Config(k_bits=4, v_bits=4, k_granularity="per-tensor"),
     ):
         cache = QuantizedKVCache(model.config, cfg, torch.bfloat16, fused=True)
         assert not any(layer.fused for layer in cache.layers)

@@ -12,10 +12,12 @@ call then runs the kernel over what the cache holds plus the new token, and only
 so the step reads exactly what the reference path (`KVStream._visible`) reads.
 
 Covered: 2/4/8-bit K per-token or per-channel, V per-token, asymmetric or symmetric, K smoothing,
-Hadamard rotation, the full-precision tail, GQA and sliding windows. Other layers keep the
-reference path. The kernel is compiled once per CPU kind (AVX-512 or AVX2/FMA flags, read from
-/proc/cpuinfo at build time and named in the build directory) under $KVPARETO_HOME/kernels;
-without a compiler everything still runs on the reference path, after one notice on stderr.
+Hadamard rotation, the full-precision tail, GQA and sliding windows, and 16-bit streams (all
+tail, read in place: with a 16-bit cache a step then skips SDPA, which spends more on one query
+than reading the bf16 history costs). Other layers keep the reference path. The kernel is
+compiled once per CPU kind (AVX-512 or AVX2/FMA intrinsics, by the flags in /proc/cpuinfo,
+named in the build directory; plain C++ elsewhere) under $KVPARETO_HOME/kernels; without a
+compiler everything still runs on the reference path, after one notice on stderr.
 """
 
 from __future__ import annotations
@@ -77,10 +79,10 @@ def covers(k_spec, v_spec) -> bool:
     """Whether the kernel reads streams of these `StreamSpec`s (else the layer keeps SDPA)."""
     k_tile, v_tile = k_spec.tile, v_spec.tile
     return (
-        k_spec.bits in (2, 4, 8)
-        and v_spec.bits in (2, 4, 8)
-        and (k_tile.tokens == 1 or k_tile.channels == 1)
-        and v_tile.tokens == 1
+        k_spec.bits in (2, 4, 8, 16)
+        and v_spec.bits in (2, 4, 8, 16)
+        and (k_spec.bits == 16 or k_tile.tokens == 1 or k_tile.channels == 1)
+        and (v_spec.bits == 16 or v_tile.tokens == 1)
         and not v_spec.smooth
     )
 

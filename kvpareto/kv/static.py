@@ -308,14 +308,16 @@ class KVStream:
     def kernel_view(self) -> tuple[list[torch.Tensor], list[int]]:
         """The stores as the fused decode kernel reads them, in place: [codes, scale, zero, tail]
         (empty tensors where absent) and [bits, tile tokens, tile channels, first tile's slot in
-        its ring, q_start, n_q, tail's first slot]."""
+        its ring, q_start, n_q, tail's first slot, tail's first token]. A 16-bit stream is all
+        tail: no codes, n_q = 0."""
         none = torch.empty(0)
         held, start = [none, none, none], 0
         if self._packed is not None:
             held, start = self._packed.bufs + held[len(self._packed.bufs) :], self._packed.start
         tile = self.spec.tile
         layout = [self.spec.bits, tile.tokens, tile.channels, start, self.q_start, self.n_q]
-        return [*held, self._tail.bufs[0]], [*layout, self._tail.start]
+        tail = [self._tail.start, self.kept - self._tail.n]
+        return [*held, self._tail.bufs[0]], [*layout, *tail]
 
     def tensors(self) -> list[torch.Tensor]:
         held = [] if self._packed is None else self._packed.tensors()

@@ -1,49 +1,260 @@
-// Decode attention (one query token) read straight from the packed KV stores of kv_cache.py.
+// Decode attention (one query token) read straight from the KV stores of kv/static.py: packed
+// quantized tiles, then a full-precision tail (a 16-bit stream is all tail).
 //
-// Scores come from the codes: with a tile's scale s and zero z, q.(s*code + z) = s*(q.code) +
-// z*sum(q), so a K row costs one dot product over its unpacked codes. V rows are accumulated
-// the same way: p*s*code per channel, plus p*z per tile, folded in once at the end.
+// A packed row is dequantized once into a float scratch row (code * scale + zero of its tile),
+// which then serves every query head of its GQA group: one dot product per head for K, one
+// axpy per head for V. The dequantized history is never materialized beyond that one row.
 //
 // Codes are packed along channels, `per` = 8/bits to a byte: channel per*i + f sits in byte i at
-// bits f*bits. Rather than interleave unpacked fields back into channel order, the query and the
-// V accumulator are kept "planar" (field f of every byte, then field f+1), so every inner loop
-// runs over contiguous bytes and vectorizes.
+// bits f*bits. Rather than interleave unpacked fields back into channel order, the rotated
+// query, the scratch row and the packed-V accumulator are kept "planar" (field f of every byte,
+// then field f+1), so every inner loop runs over contiguous floats and vectorizes.
+//
+// The inner loops (unpacking codes, dot products, axpy, bf16 rows) use a few vector helpers
+// written with AVX-512 or AVX2/FMA intrinsics, whichever the build targets, with a scalar
+// fallback. The compiler's own vectorizer was measured to fall short here: rows of 16-64 bytes
+// ran in its scalar remainder loops, and each `omp simd` reduction ended in a chain of scalar
+// adds, one per lane. The softmax's exp is a polynomial over the same helpers (libm's expf is
+// called one lane at a time).
 //
 // Work is split over (batch, KV head, chunk of tokens) as in flash-decoding: each part keeps its
-// own running max, sum and accumulators, merged per query head at the end. The query heads of a
-// GQA group share one KV head, so every unpacked row serves all of them.
+// own running max, sum and accumulators, merged per query head at the end.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
+// --- vector helpers: kLanes floats at a time ---------------------------------------------------
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+// Field `shift` of kLanes packed bytes, as floats.
+inline Vec vcodes(const uint8_t* p, __m128i shift, uint32_t mask) {
+  __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  x = _mm512_and_si512(_mm512_srl_epi32(x, shift), _mm512_set1_epi32(static_cast<int>(mask)));
+  return _mm512_cvtepi32_ps(x);
+}
+inline Vec vbf16(const uint16_t* p) {  // bf16 is fp32's upper half
+  __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+inline Vec vround(Vec x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline Vec vpow2(Vec n) {  // 2^n for integral n in [-126, 127]
+  const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kLanes = 8;
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+inline Vec vcodes(const uint8_t* p, __m128i shift, uint32_t mask) {
+  __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  x = _mm256_and_si256(_mm256_srl_epi32(x, shift), _mm256_set1_epi32(static_cast<int>(mask)));
+  return _mm256_cvtepi32_ps(x);
+}
+inline Vec vbf16(const uint16_t* p) {
+  __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vpow2(Vec n) {
+  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
+#else  // scalar: one lane
+constexpr int64_t kLanes = 1;
+using Vec = float;
+inline Vec vzero() { return 0.f; }
+inline Vec vset(float x) { return x; }
+inline Vec vload(const float* p) { return *p; }
+inline void vstore(float* p, Vec v) { *p = v; }
+inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
+inline float vsum(Vec v) { return v; }
+inline Vec vcodes(const uint8_t* p, int shift, uint32_t mask) {
+  return static_cast<float>((static_cast<uint32_t>(*p) >> shift) & mask);
+}
+inline Vec vbf16(const uint16_t* p) {
+  const uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline Vec vmul(Vec a, Vec b) { return a * b; }
+inline Vec vsub(Vec a, Vec b) { return a - b; }
+inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }  // b where either is NaN
+inline Vec vround(Vec x) { return std::nearbyint(x); }
+inline Vec vpow2(Vec n) {
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float f;
+  std::memcpy(&f, &e, sizeof f);
+  return f;
+}
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+inline __m128i vshift(int bits) { return _mm_cvtsi32_si128(bits); }
+#else
+inline int vshift(int bits) { return bits; }
+#endif
+
 constexpr int64_t kChunk = 256;  // tokens per part: enough parts to keep every thread busy
 
-// One stream (K or V) of one (batch, KV head): its packed tiles and its full-precision tail.
-template <typename T>
-struct Stream {
-  const uint8_t* codes;  // [cap * tile_tokens, D / per]
-  const at::Half* scale;  // [cap, D / tile_channels]
-  const at::Half* zero;   // same, or null when symmetric
-  const T* tail;          // [tail_cap, D]
-  int64_t bits, tile_tokens, tile_channels, cap, start, q_start, n_q, tail_cap, tail_start;
+// exp(x) for x <= 0 (scores minus their max): 2^n * e^r with |r| <= ln2/2 and e^r by its Taylor
+// series to r^6 (relative error ~1e-7, under fp32's rounding of the scores themselves). Below
+// -87 it returns e^-87 (~1.6e-38) instead of a denormal: a weight nothing can add to. A NaN
+// stays NaN (vmax keeps its second operand), so a broken trial still reads as one.
+inline Vec vexp_nonpositive(Vec x) {
+  x = vmax(vset(-87.f), x);
+  const Vec n = vround(vmul(x, vset(1.44269504f)));
+  // ln2 split in two so that n * hi is exact
+  const Vec r = vfma(n, vset(2.12194440e-4f), vfma(n, vset(-0.693359375f), x));
+  Vec p = vset(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = vfma(p, r, vset(c));
+  return vmul(p, vpow2(n));
+}
 
-  int64_t row_bytes(int64_t d) const { return d * bits / 8; }
-  // The packed row and tile of kept token t < n_q.
-  const uint8_t* code_row(int64_t t, int64_t d) const {
-    int64_t u = (t - q_start) / tile_tokens, r = (t - q_start) % tile_tokens;
-    return codes + (((start + u) % cap) * tile_tokens + r) * row_bytes(d);
+// Softmax numerators of `s[0:n] * scaling` in place; returns their max (of the scaled scores)
+// and adds their sum to `sum`.
+float softmax_numerators(float* s, int64_t n, float scaling, float& sum) {
+  const Vec scv = vset(scaling);
+  float lanes[kLanes];
+  Vec mv = vset(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) mv = vmax(mv, vmul(vload(s + j), scv));
+  vstore(lanes, mv);
+  float m = *std::max_element(lanes, lanes + kLanes);
+  for (; j < n; ++j) m = std::max(m, s[j] * scaling);
+  mv = vset(m);
+  Vec acc = vzero();
+  j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const Vec p = vexp_nonpositive(vsub(vmul(vload(s + j), scv), mv));
+    vstore(s + j, p);
+    acc = vfma(p, vset(1.f), acc);
   }
-  int64_t tile_row(int64_t t) const { return (start + (t - q_start) / tile_tokens) % cap; }
-  const T* tail_row(int64_t t, int64_t d) const {
-    return tail + ((tail_start + t - n_q) % tail_cap) * d;
+  float l = vsum(acc);
+  for (; j < n; ++j) {
+    vstore(lanes, vexp_nonpositive(vset(s[j] * scaling - m)));
+    s[j] = lanes[0];
+    l += lanes[0];
   }
-  // The scale and zero of `n` tiles from `at` on, as floats: converted once per row, not per head.
+  sum += l;
+  return m;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc = vzero();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = vfma(vload(a + i), vload(b + i), acc);
+  float s = vsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float w, const float* x, float* y, int64_t n) {
+  const Vec wv = vset(w);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) vstore(y + i, vfma(wv, vload(x + i), vload(y + i)));
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
+enum class Float { f32, f16, bf16 };
+
+Float float_type(const torch::Tensor& t) {
+  if (t.scalar_type() == at::kBFloat16) return Float::bf16;
+  if (t.scalar_type() == at::kHalf) return Float::f16;
+  return Float::f32;
+}
+
+// A full-precision row as floats: `out` is filled unless the row already is fp32 in memory.
+const float* load_row(const void* src, Float type, int64_t d, float* out) {
+  if (type == Float::f32) return static_cast<const float*>(src);
+  if (type == Float::bf16) {
+    const uint16_t* h = static_cast<const uint16_t*>(src);
+    int64_t i = 0;
+    for (; i + kLanes <= d; i += kLanes) vstore(out + i, vbf16(h + i));
+    for (; i < d; ++i) {
+      const uint32_t u = static_cast<uint32_t>(h[i]) << 16;
+      std::memcpy(out + i, &u, sizeof u);
+    }
+    return out;
+  }
+  const at::Half* h = static_cast<const at::Half*>(src);
+  for (int64_t i = 0; i < d; ++i) out[i] = static_cast<float>(h[i]);
+  return out;
+}
+
+// Channel c = per*i + f to its planar index f*nb + i.
+inline int64_t planar(int64_t c, int64_t per, int64_t nb) { return (c % per) * nb + c / per; }
+
+// One stream (K or V) of one (batch, KV head): its packed tiles, then its full-precision tail.
+// Token indices count kept tokens; the tail holds [tail_first, kept), the packed store
+// [q_start, n_q), each in a ring of `cap` (tiles) or `tail_cap` (rows) slots.
+struct Stream {
+  const uint8_t* codes = nullptr;    // [cap * tile_tokens, D / per]
+  const at::Half* scale = nullptr;   // [cap, D / tile_channels]
+  const at::Half* zero = nullptr;    // same, or null when symmetric
+  const char* tail = nullptr;        // [tail_cap, D] of tail_type
+  Float tail_type = Float::f32;
+  int64_t tail_row_bytes = 0;
+  int64_t bits = 16, per = 1, nb = 0, tile_tokens = 1, tile_channels = 1;
+  int64_t cap = 1, start = 0, q_start = 0, n_q = 0, tail_cap = 1, tail_start = 0, tail_first = 0;
+
+  int64_t groups(int64_t d) const { return d / tile_channels; }
+  // Where token t is held: a packed token's tile slot and row in its tile, or a tail token's
+  // slot. A part walks its tokens in order with `next_*`, as integer division costs more than
+  // a dequantized row's arithmetic.
+  void packed_at(int64_t t, int64_t& slot, int64_t& row) const {
+    slot = (start + (t - q_start) / tile_tokens) % cap;
+    row = (t - q_start) % tile_tokens;
+  }
+  void next_packed(int64_t& slot, int64_t& row) const {
+    if (++row == tile_tokens) {
+      row = 0;
+      if (++slot == cap) slot = 0;
+    }
+  }
+  int64_t tail_at(int64_t t) const { return (tail_start + t - tail_first) % tail_cap; }
+  void next_tail(int64_t& slot) const {
+    if (++slot == tail_cap) slot = 0;
+  }
+  const float* tail_row(int64_t slot, int64_t d, float* scratch) const {
+    return load_row(tail + slot * tail_row_bytes, tail_type, d, scratch);
+  }
+  // The scale and zero of `n` tiles from `at` on, as floats.
   void tiles(int64_t at, int64_t n, float* s, float* z) const {
     for (int64_t g = 0; g < n; ++g) {
       s[g] = static_cast<float>(scale[at + g]);
@@ -52,167 +263,134 @@ struct Stream {
   }
 };
 
-// Codes of one row into floats, planar: out[f * nb + i] = field f of byte i.
-inline void unpack(const uint8_t* row, int64_t nb, int64_t bits, float* out) {
-  const int per = 8 / bits;
-  const uint8_t mask = static_cast<uint8_t>((1 << bits) - 1);
-  for (int f = 0; f < per; ++f) {
-    const int shift = f * bits;
-    float* o = out + f * nb;
-    for (int64_t i = 0; i < nb; ++i) o[i] = static_cast<float>((row[i] >> shift) & mask);
-  }
-}
-
-// Channel c = per*i + f to its planar index f*nb + i.
-inline int64_t planar(int64_t c, int64_t per, int64_t nb) { return (c % per) * nb + c / per; }
-
-template <typename T>
-inline float dot_raw(const float* q, const T* x, int64_t d) {
-  float s = 0.f;
-  for (int64_t c = 0; c < d; ++c) s += q[c] * static_cast<float>(x[c]);
-  return s;
-}
-
-// Everything one part needs about one query head of the group.
-struct Head {
-  std::vector<float> q;       // raw, for the tail and the new token
-  std::vector<float> qp;      // rotated if K is, planar: for packed K
-  std::vector<float> qs;      // planar q * scale of the current per-channel tile
-  std::vector<float> qsum;    // per-token K: sum of rotated q over each group
-  float smooth = 0.f;         // q . mean, added to every packed K score
-  float bias = 0.f;           // per-channel K: q . zero of the current tile
+// Scratch one part reuses token after token; allocated once per thread and chunk of parts.
+struct Scratch {
+  std::vector<float> scores, row, s, z, ps, pz;
+  Scratch(int64_t rep, int64_t d)
+      : scores(rep * kChunk), row(d), s(d), z(d), ps(d), pz(d) {}
 };
 
-template <typename T>
-void run_part(const Stream<T>& K, const Stream<T>& V, std::vector<Head>& heads, const float* k_new,
-              const float* v_new, int64_t d, int64_t lo, int64_t hi, int64_t kept, float scaling,
-              float* out) {
-  const int64_t rep = heads.size();
-  const int64_t k_nb = K.row_bytes(d), k_per = 8 / K.bits;
-  const int64_t v_nb = V.row_bytes(d), v_per = 8 / V.bits;
-  const int64_t v_groups = d / V.tile_channels;
-  const int64_t n = hi - lo;
-  std::vector<float> scores(n * rep), row(d), zacc(rep * v_groups, 0.f), sc(d), zr(d);
-  int64_t tile = -1;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t t = lo + j;
-    if (t == kept) {
-      for (int64_t h = 0; h < rep; ++h) scores[j * rep + h] = dot_raw(heads[h].q.data(), k_new, d);
-    } else if (t >= K.n_q) {
-      const T* x = K.tail_row(t, d);
-      for (int64_t h = 0; h < rep; ++h) scores[j * rep + h] = dot_raw(heads[h].q.data(), x, d);
-    } else if (K.tile_tokens == 1) {  // per-token: one scale and zero per group of channels
-      unpack(K.code_row(t, d), k_nb, K.bits, row.data());
-      const int64_t groups = d / K.tile_channels, span = K.tile_channels / k_per;
-      K.tiles(K.tile_row(t) * groups, groups, sc.data(), zr.data());
-      for (int64_t h = 0; h < rep; ++h) {
-        const Head& hd = heads[h];
-        float s = hd.smooth;
+// The packed row at (slot, row) of `st` dequantized into `out`, planar. Each field f of the
+// row's bytes is one loop over the bytes, with the scale and zero of byte i's channel: for
+// per-token tiles these depend on i alone (its group), for per-channel tiles on the channel,
+// so the caller keeps them planar (`ps`, `pz`) for the current tile (`tile`: its slot, or -1).
+void dequantize_row(const Stream& st, int64_t slot, int64_t row_in_tile, int64_t d, Scratch& sc,
+                    int64_t& tile, float* out) {
+  const uint8_t* row = st.codes + (slot * st.tile_tokens + row_in_tile) * st.nb;
+  const uint32_t mask = (1u << st.bits) - 1;
+  const int64_t nb = st.nb;
+  const bool per_token = st.tile_tokens == 1;
+  if (per_token) {
+    const int64_t groups = st.groups(d), span = nb / groups;
+    st.tiles(slot * groups, groups, sc.s.data(), sc.z.data());
+    if (span % kLanes == 0) {  // whole vectors per group: broadcast its scale and zero
+      for (int64_t f = 0; f < st.per; ++f) {
+        const auto sh = vshift(static_cast<int>(f * st.bits));
         for (int64_t g = 0; g < groups; ++g) {
-          float acc = 0.f;
-          for (int64_t f = 0; f < k_per; ++f) {
-            const float* a = hd.qp.data() + f * k_nb + g * span;
-            const float* b = row.data() + f * k_nb + g * span;
-            for (int64_t i = 0; i < span; ++i) acc += a[i] * b[i];
-          }
-          s += sc[g] * acc + zr[g] * hd.qsum[g];
-        }
-        scores[j * rep + h] = s;
-      }
-    } else {  // per-channel: one scale and zero per channel over a tile of tokens
-      if (K.tile_row(t) != tile) {
-        tile = K.tile_row(t);
-        K.tiles(tile * d, d, sc.data(), zr.data());
-        for (Head& hd : heads) {
-          hd.bias = 0.f;
-          for (int64_t c = 0; c < d; ++c) {
-            const int64_t p = planar(c, k_per, k_nb);
-            hd.qs[p] = hd.qp[p] * sc[c];
-            hd.bias += hd.qp[p] * zr[c];
-          }
+          const Vec s = vset(sc.s[g]), z = vset(sc.z[g]);
+          for (int64_t i = g * span; i < (g + 1) * span; i += kLanes)
+            vstore(out + f * nb + i, vfma(vcodes(row + i, sh, mask), s, z));
         }
       }
-      unpack(K.code_row(t, d), k_nb, K.bits, row.data());
-      for (int64_t h = 0; h < rep; ++h) {
-        const float* a = heads[h].qs.data();
-        float acc = 0.f;
-        for (int64_t i = 0; i < d; ++i) acc += a[i] * row[i];
-        scores[j * rep + h] = acc + heads[h].bias + heads[h].smooth;
-      }
+      return;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      std::fill_n(sc.ps.data() + g * span, span, sc.s[g]);
+      std::fill_n(sc.pz.data() + g * span, span, sc.z[g]);
+    }
+  } else if (slot != tile) {
+    tile = slot;
+    st.tiles(tile * d, d, sc.s.data(), sc.z.data());
+    for (int64_t c = 0; c < d; ++c) {
+      sc.ps[planar(c, st.per, nb)] = sc.s[c];
+      sc.pz[planar(c, st.per, nb)] = sc.z[c];
     }
   }
-  // out per head: [max, sum, packed-V accumulator (planar, then in channel order), raw accumulator]
-  const int64_t stride = 2 + 2 * d;
-  for (int64_t h = 0; h < rep; ++h) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) m = std::max(m, scores[j * rep + h] * scaling);
-    float l = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-      float p = std::exp(scores[j * rep + h] * scaling - m);
-      scores[j * rep + h] = p;
-      l += p;
-    }
-    float* o = out + h * stride;
-    o[0] = m;
-    o[1] = l;
-    std::fill(o + 2, o + stride, 0.f);
-  }
-  const int64_t span = V.tile_channels / v_per;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t t = lo + j;
-    if (t >= V.n_q) {
-      const float* xf = t == kept ? v_new : nullptr;
-      const T* x = t == kept ? nullptr : V.tail_row(t, d);
-      for (int64_t h = 0; h < rep; ++h) {
-        const float p = scores[j * rep + h];
-        float* acc = out + h * stride + 2 + d;
-        if (xf)
-          for (int64_t c = 0; c < d; ++c) acc[c] += p * xf[c];
-        else
-          for (int64_t c = 0; c < d; ++c) acc[c] += p * static_cast<float>(x[c]);
-      }
-      continue;
-    }
-    unpack(V.code_row(t, d), v_nb, V.bits, row.data());
-    V.tiles(V.tile_row(t) * v_groups, v_groups, sc.data(), zr.data());
-    for (int64_t h = 0; h < rep; ++h) {
-      const float p = scores[j * rep + h];
-      float* acc = out + h * stride + 2;
-      for (int64_t g = 0; g < v_groups; ++g) {
-        const float w = p * sc[g];
-        zacc[h * v_groups + g] += p * zr[g];
-        for (int64_t f = 0; f < v_per; ++f) {
-          float* a = acc + f * v_nb + g * span;
-          const float* b = row.data() + f * v_nb + g * span;
-          for (int64_t i = 0; i < span; ++i) a[i] += w * b[i];
-        }
-      }
-    }
-  }
-  for (int64_t h = 0; h < rep; ++h) {  // planar to channel order, zeros folded in
-    float* acc = out + h * stride + 2;
-    for (int64_t c = 0; c < d; ++c) row[c] = acc[planar(c, v_per, v_nb)];
-    for (int64_t c = 0; c < d; ++c) acc[c] = row[c] + zacc[h * v_groups + c / V.tile_channels];
+  for (int64_t f = 0; f < st.per; ++f) {
+    const int shift = static_cast<int>(f * st.bits);
+    const float* s = sc.ps.data() + (per_token ? 0 : f * nb);
+    const float* z = sc.pz.data() + (per_token ? 0 : f * nb);
+    float* o = out + f * nb;
+    int64_t i = 0;
+    for (const auto sh = vshift(shift); i + kLanes <= nb; i += kLanes)
+      vstore(o + i, vfma(vcodes(row + i, sh, mask), vload(s + i), vload(z + i)));
+    for (; i < nb; ++i)
+      o[i] = static_cast<float>((static_cast<uint32_t>(row[i]) >> shift) & mask) * s[i] + z[i];
   }
 }
 
-template <typename T>
-Stream<T> stream_at(const std::vector<torch::Tensor>& store, const std::vector<int64_t>& layout,
-                    int64_t bh) {
-  // store: codes, scale, zero (empty if symmetric), tail; layout: bits, tile_tokens,
-  // tile_channels, start, q_start, n_q, tail_start
+// What one query head of a group brings to every part.
+struct Head {
+  std::vector<float> q;   // raw: for the tail and the new token
+  std::vector<float> qp;  // rotated if K is, planar: for packed K
+  float smooth = 0.f;     // q . mean, added to every packed K score
+};
+
+// One part: tokens [lo, hi) of one (batch, KV head), for its `rep` query heads. `kept` is the
+// new token's index (read from k_new / v_new, not the stores). Writes per head
+// [max, sum, packed-V accumulator (planar), full-precision-V accumulator].
+void run_part(const Stream& K, const Stream& V, const std::vector<Head>& heads,
+              const float* k_new, const float* v_new, int64_t d, int64_t lo, int64_t hi,
+              int64_t kept, float scaling, Scratch& sc, float* out) {
+  const int64_t rep = heads.size(), n = hi - lo, stride = 2 + 2 * d;
+  float* scores = sc.scores.data();  // [rep, n]
+  float* row = sc.row.data();
+  // Scores: packed tokens [lo, K.n_q), then the tail, whose last token may be the new one.
+  int64_t j = 0, tile = -1;
+  if (lo < K.n_q) {
+    int64_t slot, r;
+    K.packed_at(lo, slot, r);
+    for (; j < n && lo + j < K.n_q; ++j, K.next_packed(slot, r)) {
+      dequantize_row(K, slot, r, d, sc, tile, row);
+      for (int64_t h = 0; h < rep; ++h)
+        scores[h * n + j] = dot(heads[h].qp.data(), row, d) + heads[h].smooth;
+    }
+  }
+  for (int64_t slot = K.tail_at(lo + j); j < n; ++j, K.next_tail(slot)) {
+    const float* x = lo + j == kept ? k_new : K.tail_row(slot, d, row);
+    for (int64_t h = 0; h < rep; ++h) scores[h * n + j] = dot(heads[h].q.data(), x, d);
+  }
+  for (int64_t h = 0; h < rep; ++h) {
+    float* o = out + h * stride;
+    o[1] = 0.f;
+    o[0] = softmax_numerators(scores + h * n, n, scaling, o[1]);
+    std::fill(o + 2, o + stride, 0.f);
+  }
+  // Weighted values: packed rows into the planar accumulator, tail rows into the raw one.
+  j = 0, tile = -1;
+  if (lo < V.n_q) {
+    int64_t slot, r;
+    V.packed_at(lo, slot, r);
+    for (; j < n && lo + j < V.n_q; ++j, V.next_packed(slot, r)) {
+      dequantize_row(V, slot, r, d, sc, tile, row);
+      for (int64_t h = 0; h < rep; ++h) axpy(scores[h * n + j], row, out + h * stride + 2, d);
+    }
+  }
+  for (int64_t slot = V.tail_at(lo + j); j < n; ++j, V.next_tail(slot)) {
+    const float* x = lo + j == kept ? v_new : V.tail_row(slot, d, row);
+    for (int64_t h = 0; h < rep; ++h) axpy(scores[h * n + j], x, out + h * stride + 2 + d, d);
+  }
+}
+
+// store: codes, scale, zero (empty if symmetric), tail; layout: bits, tile_tokens,
+// tile_channels, start, q_start, n_q, tail_start, tail_first.
+Stream stream_at(const std::vector<torch::Tensor>& store, const std::vector<int64_t>& layout,
+                 int64_t bh, int64_t d) {
   const auto& codes = store[0];
   const auto& scale = store[1];
   const auto& zero = store[2];
   const auto& tail = store[3];
-  Stream<T> s{};
+  Stream s;
   s.bits = layout[0];
+  s.per = s.bits < 8 ? 8 / s.bits : 1;
+  s.nb = d / s.per;
   s.tile_tokens = layout[1];
   s.tile_channels = layout[2];
   s.start = layout[3];
   s.q_start = layout[4];
   s.n_q = layout[5];
   s.tail_start = layout[6];
+  s.tail_first = layout[7];
   s.cap = scale.numel() ? scale.size(2) : 1;
   s.tail_cap = tail.numel() ? tail.size(2) : 1;
   if (codes.numel()) {
@@ -220,60 +398,63 @@ Stream<T> stream_at(const std::vector<torch::Tensor>& store, const std::vector<i
     s.scale = scale.data_ptr<at::Half>() + bh * scale.size(2) * scale.size(3);
     s.zero = zero.numel() ? zero.data_ptr<at::Half>() + bh * zero.size(2) * zero.size(3) : nullptr;
   }
-  if (tail.numel()) s.tail = tail.data_ptr<T>() + bh * tail.size(2) * tail.size(3);
+  if (tail.numel()) {
+    s.tail_type = float_type(tail);
+    s.tail_row_bytes = d * tail.element_size();
+    s.tail = static_cast<const char*>(tail.data_ptr()) + bh * tail.size(2) * s.tail_row_bytes;
+  }
   return s;
 }
 
-template <typename T>
-torch::Tensor decode(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
-                     const std::vector<torch::Tensor>& k_store, const std::vector<int64_t>& k_layout,
-                     const std::vector<torch::Tensor>& v_store, const std::vector<int64_t>& v_layout,
-                     const torch::Tensor& k_mean, const torch::Tensor& k_rot,
-                     const torch::Tensor& v_rot, int64_t lo, int64_t kept, double scaling) {
+}  // namespace
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_new,
+                               const torch::Tensor& v_new, const std::vector<torch::Tensor>& k_store,
+                               const std::vector<int64_t>& k_layout,
+                               const std::vector<torch::Tensor>& v_store,
+                               const std::vector<int64_t>& v_layout, const torch::Tensor& k_mean,
+                               const torch::Tensor& k_rot, const torch::Tensor& v_rot, int64_t lo,
+                               int64_t kept, double scaling) {
   const int64_t B = q.size(0), Hq = q.size(1), d = q.size(2), Hkv = k_new.size(1);
   const int64_t rep = Hq / Hkv, n = kept + 1 - lo, parts = (n + kChunk - 1) / kChunk;
   const int64_t stride = 2 + 2 * d;
+  const int64_t k_per = k_layout[0] < 8 ? 8 / k_layout[0] : 1, k_nb = d / k_per;
   auto partial = torch::empty({B * Hkv, parts, rep, stride}, q.options());
   const float* kr = k_rot.numel() ? k_rot.data_ptr<float>() : nullptr;
   std::vector<std::vector<Head>> groups(B * Hkv, std::vector<Head>(rep));
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t k_per = 8 / k_layout[0], k_nb = d * k_layout[0] / 8, tc = k_layout[2];
-      for (int64_t h = 0; h < rep; ++h) {
-        Head& hd = groups[bh][h];
-        const float* qh = q.data_ptr<float>() + ((bh / Hkv) * Hq + (bh % Hkv) * rep + h) * d;
-        hd.q.assign(qh, qh + d);
-        std::vector<float> qr(qh, qh + d);
-        if (kr)  // q . (x R^T) = (q R) . x: rotate the query once instead of every key
-          for (int64_t e = 0; e < d; ++e) {
-            float s = 0.f;
-            for (int64_t c = 0; c < d; ++c) s += qh[c] * kr[c * d + e];
-            qr[e] = s;
-          }
-        hd.qp.resize(d);
-        hd.qs.resize(d);
-        for (int64_t c = 0; c < d; ++c) hd.qp[planar(c, k_per, k_nb)] = qr[c];
-        hd.qsum.assign(d / tc, 0.f);
-        for (int64_t c = 0; c < d; ++c) hd.qsum[c / tc] += qr[c];
-        if (k_mean.numel()) {
-          const at::Half* mean = k_mean.data_ptr<at::Half>() + bh * d;
-          for (int64_t c = 0; c < d; ++c) hd.smooth += qh[c] * static_cast<float>(mean[c]);
+  for (int64_t bh = 0; bh < B * Hkv; ++bh) {  // a few d x d products: not worth threads
+    for (int64_t h = 0; h < rep; ++h) {
+      Head& hd = groups[bh][h];
+      const float* qh = q.data_ptr<float>() + ((bh / Hkv) * Hq + (bh % Hkv) * rep + h) * d;
+      hd.q.assign(qh, qh + d);
+      std::vector<float> qr(qh, qh + d);
+      if (kr)  // q . (x R^T) = (q R) . x: rotate the query once instead of every key
+        for (int64_t e = 0; e < d; ++e) {
+          float s = 0.f;
+          for (int64_t c = 0; c < d; ++c) s += qh[c] * kr[c * d + e];
+          qr[e] = s;
         }
+      hd.qp.resize(d);
+      for (int64_t c = 0; c < d; ++c) hd.qp[planar(c, k_per, k_nb)] = qr[c];
+      if (k_mean.numel()) {
+        const at::Half* mean = k_mean.data_ptr<at::Half>() + bh * d;
+        for (int64_t c = 0; c < d; ++c) hd.smooth += qh[c] * static_cast<float>(mean[c]);
       }
     }
-  });
+  }
   at::parallel_for(0, B * Hkv * parts, 1, [&](int64_t begin, int64_t end) {
+    Scratch sc(rep, d);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t bh = unit / parts, part = unit % parts;
-      std::vector<Head> heads = groups[bh];  // a copy: a part moves its own per-channel tile
       const int64_t a = lo + part * kChunk, b = std::min(a + kChunk, kept + 1);
-      run_part<T>(stream_at<T>(k_store, k_layout, bh), stream_at<T>(v_store, v_layout, bh), heads,
-                  k_new.data_ptr<float>() + bh * d, v_new.data_ptr<float>() + bh * d, d, a, b,
-                  kept, static_cast<float>(scaling),
-                  partial.data_ptr<float>() + (bh * parts + part) * rep * stride);
+      run_part(stream_at(k_store, k_layout, bh, d), stream_at(v_store, v_layout, bh, d),
+               groups[bh], k_new.data_ptr<float>() + bh * d, v_new.data_ptr<float>() + bh * d, d,
+               a, b, kept, static_cast<float>(scaling), sc,
+               partial.data_ptr<float>() + (bh * parts + part) * rep * stride);
     }
   });
   auto out = torch::empty({B, Hq, d}, q.options());
+  const int64_t v_per = v_layout[0] < 8 ? 8 / v_layout[0] : 1, v_nb = d / v_per;
   const float* vr = v_rot.numel() ? v_rot.data_ptr<float>() : nullptr;
   const float* pd = partial.data_ptr<float>();
   float* od = out.data_ptr<float>();
@@ -289,41 +470,21 @@ torch::Tensor decode(const torch::Tensor& q, const torch::Tensor& k_new, const t
         const float* o = pd + ((bh * parts + p) * rep + h) * stride;
         const float w = std::exp(o[0] - m);
         l += w * o[1];
-        for (int64_t c = 0; c < d; ++c) enc[c] += w * o[2 + c];
-        for (int64_t c = 0; c < d; ++c) raw[c] += w * o[2 + d + c];
+        axpy(w, o + 2, enc.data(), d);
+        axpy(w, o + 2 + d, raw.data(), d);
       }
       float* dst = od + bq * d;
       for (int64_t c = 0; c < d; ++c) {
         float s = raw[c];
         if (vr)  // V was stored as v R: rotate the weighted sum back once
-          for (int64_t e = 0; e < d; ++e) s += enc[e] * vr[c * d + e];
+          for (int64_t e = 0; e < d; ++e) s += enc[planar(e, v_per, v_nb)] * vr[c * d + e];
         else
-          s += enc[c];
+          s += enc[planar(c, v_per, v_nb)];
         dst[c] = s / l;
       }
     }
   });
   return out;
-}
-
-}  // namespace
-
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_new,
-                               const torch::Tensor& v_new, const std::vector<torch::Tensor>& k_store,
-                               const std::vector<int64_t>& k_layout,
-                               const std::vector<torch::Tensor>& v_store,
-                               const std::vector<int64_t>& v_layout, const torch::Tensor& k_mean,
-                               const torch::Tensor& k_rot, const torch::Tensor& v_rot, int64_t lo,
-                               int64_t kept, double scaling) {
-  const auto tail = k_store[3].scalar_type();
-  if (tail == at::kBFloat16)
-    return decode<at::BFloat16>(q, k_new, v_new, k_store, k_layout, v_store, v_layout, k_mean,
-                                k_rot, v_rot, lo, kept, scaling);
-  if (tail == at::kHalf)
-    return decode<at::Half>(q, k_new, v_new, k_store, k_layout, v_store, v_layout, k_mean, k_rot,
-                            v_rot, lo, kept, scaling);
-  return decode<float>(q, k_new, v_new, k_store, k_layout, v_store, v_layout, k_mean, k_rot, v_rot,
-                       lo, kept, scaling);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
