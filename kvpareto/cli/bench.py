@@ -19,7 +19,10 @@ MODEL_PARTS = set(PARTS) - {"samplers"}  # samplers replay stored tables: no mod
 
 def bench_command(
     model: str = options.model("Model to benchmark."),
-    context_lengths: str = typer.Option("1024,4096", help="Comma-separated context lengths."),
+    context_lengths: str = typer.Option(
+        "1024,4096,8192",
+        help="Comma-separated context lengths (the decode targets are read at 4096 and 8192).",
+    ),
     steps: int = typer.Option(16, min=1, help="Decode steps per timed run."),
     repeats: int = typer.Option(3, min=1, help="Timed runs per figure (the median is kept)."),
     threads: int | None = options.threads(),

@@ -1,0 +1,49 @@
+"""`kvpareto bench`'s targets table: each issue target read from the rows it measures."""
+
+from kvpareto.bench import targets
+
+
+def _decode(context, bits, rate, dynamic, reference=None):
+    return {
+        "context": context,
+        "scheme": "static",
+        "kv_bits": bits,
+        "tokens_per_s": rate,
+        "vs_dynamic": rate / dynamic,
+        "vs_reference": rate / reference if reference else None,
+    }
+
+
+def test_decode_targets_are_read_against_their_goals():
+    rows = {
+        "decode": [
+            _decode(1024, 16, 30.0, 20.0, reference=20.0),  # fused ÷ SDPA 1.5 < 2
+            _decode(1024, 4, 18.0, 20.0),
+            _decode(4096, 4, 12.0, 10.0),  # 1.2 >= 1.0
+            _decode(8192, 4, 6.0, 5.0),  # 1.2 < 1.3
+            _decode(8192, 2, 6.6, 5.0),  # 1.1x the 4-bit rate >= 1.0
+            {**_decode(4096, 4, 9.0, 10.0), "scheme": "adaptive"},  # not a static row
+        ]
+    }
+    found = {t["measure"]: t for t in targets(rows)}
+    assert found["16-bit KV decode, fused ÷ SDPA path at 1024"]["met"] is False
+    assert found["16-bit KV decode, fused ÷ SDPA path at 1024"]["value"] == 1.5
+    assert found["4-bit KV decode ÷ DynamicCache at 1024"]["met"] is None
+    assert found["4-bit KV decode ÷ DynamicCache at 4096"]["met"] is True
+    assert found["4-bit KV decode ÷ DynamicCache at 4096"]["target"] == ">= 1.0"
+    assert found["4-bit KV decode ÷ DynamicCache at 8192"]["met"] is False
+    int2 = found["2-bit KV decode ÷ 4-bit KV decode at 8192"]
+    assert abs(int2["value"] - 1.1) < 1e-9 and int2["met"] is True
+    assert len(found) == 6
+
+
+def test_trial_cost_targets_keep_their_direction():
+    rows = {
+        "weights": [{"weights": "int4", "vs_none": 1.4}, {"weights": "int8", "vs_none": 0.9}],
+        "reuse": {"reused_vs_cold": 0.3},
+    }
+    found = {t["measure"]: t for t in targets(rows)}
+    assert found["int4-weight decode ÷ float-weight decode"]["met"] is True
+    assert found["int8-weight decode ÷ float-weight decode"]["met"] is False
+    reuse = found["KV-only trial with prefill reuse ÷ cold trial"]
+    assert reuse["target"] == "<= 0.25" and reuse["met"] is False
