@@ -35,13 +35,17 @@ def _ids(n, seed=0):
     return torch.randint(3, 259, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _cache(model, cfg, prompt_length):
-    return QuantizedKVCache(model.config, cfg, torch.bfloat16, prompt_length=prompt_length)
+def _cache(model, cfg, prompt_length, fused=None):
+    """`fused=False` keeps decode steps on SDPA: a comparison with DynamicCache, bit for bit,
+    needs the same arithmetic (test_fused_decode.py holds the kernel to that path)."""
+    return QuantizedKVCache(
+        model.config, cfg, torch.bfloat16, prompt_length=prompt_length, fused=fused
+    )
 
 
-def _run(model, ids, cfg, decode_steps=3):
+def _run(model, ids, cfg, decode_steps=3, fused=None):
     """Logits of the prompt's last position, then of each decode step; and the cache."""
-    cache = _cache(model, cfg, ids.shape[1])
+    cache = _cache(model, cfg, ids.shape[1], fused)
     logits = [prefill(model, ids, cache, cfg.chunk_size)]
     for step in range(decode_steps):
         logits.append(model(_ids(1, seed=step), **with_cache(cache)).logits[:, -1])
@@ -73,6 +77,7 @@ def test_rate_zero_and_a_rate_that_evicts_nothing_give_bit_identical_logits(tiny
         assert cache.pruner is not None
         assert torch.equal(plain, same)
     if cfg == Config():
+        plain, _ = _run(model, ids, cfg, fused=False)
         ref = DynamicCache(config=model.config)
         ref_logits = [model(ids, **with_cache(ref)).logits[:, -1]]
         for step in range(3):
@@ -196,7 +201,7 @@ def test_after_pruning_a_chunk_sees_all_history_and_itself_causally_at_true_posi
     model = tiny_models[name].model
     ids = _ids(256, seed=3)
     cfg = Config(prune_rate=0.5, prune_scorer="snapkv", chunk_size=64)
-    cache = _cache(model, cfg, 256)
+    cache = _cache(model, cfg, 256, fused=False)
     prefill(model, ids[:, :192], cache, cfg.chunk_size)
     assert cache.layers[0].k.kept < 192
     ref = _as_dynamic(model, cache)
