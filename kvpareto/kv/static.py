@@ -485,10 +485,12 @@ class QuantizedKVLayer(KVLayer):
 
     def fusable(self, key_states: torch.Tensor) -> bool:
         """Whether this update is a decode step that the fused kernel can serve: one token of one
-        sequence (a padded batch would need the mask), after a prefill, not pruned on arrival."""
+        sequence (a padded batch would need the mask) on the CPU (the kernel's only device),
+        after a prefill, not pruned on arrival."""
         batch, _, n_new, _ = key_states.shape
         return (
             self.fused
+            and key_states.device.type == "cpu"
             and self.is_initialized
             and batch == 1
             and n_new == 1
