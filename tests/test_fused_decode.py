@@ -12,11 +12,13 @@ then differ by a few bf16 ulps, and 2e-2 (5 ulps at 1.0) bounds what was seen (a
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
 from kvpareto.config import Config
+from kvpareto.engine import prefill
 from kvpareto.hf_compat import with_cache
 from kvpareto.kernels import fused_decode
 from kvpareto.kv.static import QuantizedKVCache
@@ -85,6 +87,29 @@ def test_fused_decode_equals_the_reference_path_in_bf16(kernel, tiny_models, nam
     model = tiny_models[name].model
     cache = QuantizedKVCache(model.config, cfg, torch.bfloat16, fused=True)
     assert _worst_step_gap(model, cache) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("cfg", [Config(), Config(k_bits=4, v_bits=2)], ids=lambda c: c.label())
+def test_fused_decode_over_a_pruned_cache_equals_the_reference_path(
+    kernel, tiny_models, cfg, monkeypatch
+):
+    # Pruning keeps fewer rows than tokens written: the kernel must read the kept rows (and
+    # count the new token after them) exactly as the reference path's mask does.
+    model = tiny_models["tiny-llama"].model
+    calls = []
+    attend = fused_decode.attend
+    monkeypatch.setattr(fused_decode, "attend", lambda *a: calls.append(1) or attend(*a))
+    cfg = replace(cfg, prune_rate=0.5, prune_scorer="snapkv", chunk_size=32)
+    cache = QuantizedKVCache(model.config, cfg, torch.bfloat16, prompt_length=100, fused=True)
+    prefill(model, _ids(100, 0), cache, cfg.chunk_size)
+    assert cache.layers[0].k.kept < 100
+    worst = 0.0
+    for token in _ids(8, 1)[0]:
+        ref = model(token.view(1, 1), **with_cache(_reference(cache))).logits.float()
+        fused = model(token.view(1, 1), **with_cache(cache)).logits.float()
+        worst = max(worst, (fused - ref).abs().max().item())
+    assert len(calls) == 8 * len(cache.layers)
+    assert worst <= TOLERANCE[torch.bfloat16]
 
 
 def test_decode_steps_run_the_kernel_and_prefill_does_not(kernel, tiny_models, monkeypatch):
