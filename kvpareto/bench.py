@@ -394,9 +394,8 @@ def peer_bench(loaded, ref: str, lengths: list[int], steps: int, rounds: int, lo
     rows = []
     for length in lengths:
         prompt = _prompt(length, loaded.model)
-        theirs = {}
+        ids, theirs = prompt[0].tolist(), {}
         for bits, kv_type in peers.KV_TYPES.items():
-            ids = prompt[0].tolist()
             theirs[bits] = peers.llama_decode_rate(path, ids, kv_type, threads, steps, rounds)
             log(f"{length}: llama.cpp, {kv_type} KV: {theirs[bits]:.1f} tok/s")
         runs = {
