@@ -32,11 +32,11 @@ def _memory_at(study, length: int, batch: int = 1):
     shell = shell_model(load_config(study.model)[0])
     facts = study.facts
     dtypes = getattr(torch, facts["compute_dtype"]), getattr(torch, facts["storage_dtype"])
-    threads = facts["hardware"]["threads"]
+    threads, packs = facts["hardware"]["threads"], facts["hardware"].get("sdpa_packs", False)
 
     def memory_at(config: Config, weights_bytes: int) -> dict:
         return modeled_memory(
-            shell, config, length, weights_bytes, *dtypes, threads, batch
+            shell, config, length, weights_bytes, *dtypes, threads, batch, packs
         ).to_dict()
 
     return memory_at

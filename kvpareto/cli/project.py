@@ -57,10 +57,13 @@ def project_command(
         getattr(torch, facts["storage_dtype"]),
     )
     threads = facts["hardware"]["threads"]  # the activation model's SDPA scratch is per thread
+    # Whether the study's machine packed K/V in SDPA; studies from before it was recorded were
+    # modeled without packing.
+    packs = facts["hardware"].get("sdpa_packs", False)
 
     def memory_at(config, weights_bytes: int) -> dict:
         parts = modeled_memory(
-            shell, config, context_length, weights_bytes, compute, storage, threads, batch
+            shell, config, context_length, weights_bytes, compute, storage, threads, batch, packs
         )
         return parts.to_dict()
 

@@ -18,7 +18,7 @@ is_causal does it).
   windowed or pruned; else read in place, which is KV memory); with its pattern's mask, SDPA's
   float copy of it and k/v repeated to every query head (no native grouped-query attention under
   a mask; a view, not a copy, with one KV head); and the CPU flash kernel's per-thread score
-  blocks (`_sdpa_scratch`);
+  blocks and, where it packs them (bf16 on AMX CPUs), its packed K/V (`_sdpa_scratch`);
 - the MLP: three c x I intermediates, four copies of the residual stream, the tables and masks;
 - a quantized cache write: the tokens leaving the tail, gathered, then three fp32 copies;
 - SnapKV scoring: fp32 logits and softmax of the last 32 queries over t keys;
@@ -43,6 +43,8 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.kv.static import layer_windows
+from kvpareto.memory.sdpa_packing import packs_call
+from kvpareto.memory.sdpa_packing import sdpa_packs as machine_sdpa_packs
 from kvpareto.models.storage_dtype import cast_elements
 
 
@@ -53,13 +55,17 @@ def modeled_activation_peak(
     dtype: torch.dtype,
     storage: torch.dtype | None = None,
     threads: int | None = None,
+    sdpa_packs: bool | None = None,
 ) -> int:
     """The modeled peak in bytes, computing in `dtype` with weights and full-precision K/V held
-    in `storage` (default: `dtype`), SDPA running on `threads` threads (default: torch's)."""
+    in `storage` (default: `dtype`), SDPA running on `threads` threads (default: torch's) and
+    packing K/V where its calls are large enough if `sdpa_packs` (default: whether it does on
+    this machine, `sdpa_packing.sdpa_packs`)."""
     cfg = model_config.get_text_config()
-    e = torch.finfo(dtype).bits // 8
     casts = storage is not None and storage != dtype
-    shape = _Shape(cfg, e, threads or torch.get_num_threads())
+    if sdpa_packs is None:
+        sdpa_packs = machine_sdpa_packs(dtype)
+    shape = _Shape(cfg, dtype, threads or torch.get_num_threads(), sdpa_packs)
     per_layer = layer_windows(model_config)
     windows = set(per_layer)
     quantized = [spec for i in range(cfg.num_hidden_layers) for spec in _specs(config, shape, i)]
@@ -78,7 +84,7 @@ def modeled_activation_peak(
             _weight_moment(cfg, config, c, dtype),
         )
         if casts:
-            peak = max(peak, _cast_moment(cfg, config, c, e))
+            peak = max(peak, _cast_moment(cfg, config, c, dtype, storage))
     last = prompt_len - (prompt_len - 1) // step * step  # the chunk whose end the head reads
     return max(peak, _head_moment(cfg, config, last, dtype))
 
@@ -89,15 +95,17 @@ _QK_NORM = ("gemma3",)
 
 class _Shape:
     """The sizes the terms are written in: h hidden, inter MLP, H query heads, kv KV heads, d
-    head_dim, e bytes per compute element; whether q and k are normalized (`_QK_NORM`)."""
+    head_dim, e bytes per element of the compute dtype; whether q and k are normalized
+    (`_QK_NORM`)."""
 
-    def __init__(self, cfg, e: int, threads: int):
+    def __init__(self, cfg, dtype: torch.dtype, threads: int, sdpa_packs: bool):
         self.qk_norm = cfg.model_type.startswith(_QK_NORM)
         self.h, self.inter = cfg.hidden_size, cfg.intermediate_size
         self.heads = cfg.num_attention_heads
         self.kv = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.d = getattr(cfg, "head_dim", None) or self.h // self.heads
-        self.e, self.threads = e, threads
+        self.dtype, self.e, self.threads = dtype, torch.finfo(dtype).bits // 8, threads
+        self.sdpa_packs = sdpa_packs
 
 
 def _stored_before(config: Config, prompt_len: int) -> list[int]:
@@ -132,14 +140,37 @@ def _attention_kinds(config: Config, shape: _Shape, windows, casts: bool) -> set
     }
 
 
-def _sdpa_scratch(shape: _Shape, c: int, t: int) -> int:
+def _sdpa_scratch(shape: _Shape, c: int, t: int, masked: bool) -> int:
     """The CPU flash-attention kernel's buffers: per thread, a q block of qs rows by a kv block
     of ks columns of fp32 scores plus fp32 row state (d + 2 columns), and a reduced-precision
-    copy of the scores when computing in 16 bits; the fp32 log-sum-exp of every query row."""
+    copy of the scores when computing in 16 bits; the fp32 log-sum-exp of every query row.
+    Where the call packs K and V (`sdpa_packing`: bf16 on AMX CPUs), their packed copies (each
+    kv block's rows padded to even; under a mask K and V come repeated to every query head) and
+    a per-thread transpose block of ks x d."""
     qs = min(256 if c >= 768 else 64 if c >= 192 else 32, c)
     ks = min(512, t)
     per_thread = qs * (ks + shape.d + 2) * 4 + (qs * ks * shape.e if shape.e < 4 else 0)
-    return shape.threads * per_thread + c * shape.heads * 4
+    scratch = shape.threads * per_thread + c * shape.heads * 4
+    kv_heads = shape.heads if masked else shape.kv
+    if packs_call(
+        shape.sdpa_packs,
+        shape.dtype,
+        shape.heads,
+        kv_heads,
+        shape.d,
+        c,
+        t,
+        qs,
+        shape.threads,
+        causal=not masked,
+    ):
+        even = lambda n: n + n % 2  # noqa: E731
+        d = even(shape.d)
+        padded = (t - 1) // ks * even(ks) + even((t - 1) % ks + 1)
+        scratch += (kv_heads * (d * t + padded * shape.d) + shape.threads * ks * shape.d) * shape.e
+        if shape.d % 2:  # queries padded to an even width, per thread
+            scratch += shape.threads * qs * d * shape.e
+    return scratch
 
 
 def _chunk_moments(
@@ -186,7 +217,7 @@ def _attention_call(shape: _Shape, c: int, t: int, copies: int, masked: bool) ->
     handed back (`copies` of them fresh), the kernel's scratch, and with a mask, SDPA's float
     copy of it (the compute dtype, made inside the call) and k/v repeated to every query head
     (no native grouped-query attention under a mask; `_repeated`)."""
-    moment = copies * t * shape.kv * shape.d * shape.e + _sdpa_scratch(shape, c, t)
+    moment = copies * t * shape.kv * shape.d * shape.e + _sdpa_scratch(shape, c, t, masked)
     if masked:
         moment += c * t * shape.e + _repeated(shape, t)
     return moment
@@ -230,9 +261,10 @@ def _decode_moment(shape: _Shape, n: int, windows, quantized) -> int:
     return moment
 
 
-def _cast_moment(cfg, config: Config, c: int, e: int) -> int:
+def _cast_moment(cfg, config: Config, c: int, dtype: torch.dtype, storage: torch.dtype) -> int:
     """Bytes live while the largest weight cast copy exists (see the module docstring)."""
     h, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    e = torch.finfo(dtype).bits // 8
     head_block = cast_elements(vocab, h)
     head = (head_block + c * h + vocab + head_block // h) * e
     if config.embed_weights != "none":  # a packed head never casts its table (`_head_moment`)

@@ -39,10 +39,14 @@ def modeled_memory(
     storage: torch.dtype,
     threads: int,
     batch: int = 1,
+    sdpa_packs: bool | None = None,
 ) -> MemoryParts:
     """The modeled parts of `config` holding a `length`-token prompt for `batch` sequences,
-    computing in `compute` on `threads` threads with float parts held in `storage`."""
+    computing in `compute` on `threads` threads with float parts held in `storage`, on a machine
+    whose SDPA packs K/V or not (`sdpa_packs`; default: this machine)."""
     with make_cache(shell, config, storage, prompt_length=length) as cache:
         kv = cache.modeled_peak_nbytes(batch)
-    peak = modeled_activation_peak(shell.config, config, length, compute, storage, threads)
+    peak = modeled_activation_peak(
+        shell.config, config, length, compute, storage, threads, sdpa_packs
+    )
     return MemoryParts(weights_bytes, kv, batch * peak)

@@ -670,6 +670,7 @@ def study_facts(settings, space, command: list[str], source) -> dict:
     import transformers
 
     from kvpareto import __version__
+    from kvpareto.memory.sdpa_packing import sdpa_packs
 
     return {
         "command": command,
@@ -701,6 +702,8 @@ def study_facts(settings, space, command: list[str], source) -> dict:
             "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available(),
+            # what the activation model assumed of this machine's SDPA (`kvpareto project`)
+            "sdpa_packs": sdpa_packs(getattr(torch, settings.compute.name)),
         },
         "source_precision": source.to_dict(),
         "baseline_note": source.description,
