@@ -20,7 +20,7 @@ import torch
 from kvpareto.config import Config
 from kvpareto.engine import prefill
 from kvpareto.hf_compat import with_cache
-from kvpareto.kernels import fused_decode
+from kvpareto.kernels import build, decode_linear, fused_decode
 from kvpareto.kv.static import QuantizedKVCache
 from kvpareto.models import load_model
 from tests.conftest import TINY
@@ -41,7 +41,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 @pytest.fixture(scope="module")
 def kernel():
-    if fused_decode.kernel() is None:
+    if build.kernel() is None:
         pytest.skip("no C++ compiler: the fused kernel could not be built")
 
 
@@ -157,15 +157,17 @@ def test_without_a_compiler_decode_falls_back_after_one_notice(tiny_models, monk
         raise RuntimeError("Error building extension: g++: not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    fused_decode.kernel.cache_clear()
+    build.kernel.cache_clear()
+    decode_linear.kernel_faster.cache_clear()  # decided once per process, with the kernel there
     try:
         model = tiny_models["tiny-llama"].model
         cache = QuantizedKVCache(model.config, Config(k_bits=4, v_bits=4), torch.bfloat16)
         QuantizedKVCache(model.config, Config(k_bits=4, v_bits=4), torch.bfloat16)
         model(_ids(20, 0), **with_cache(cache))
         model(_ids(1, 1), **with_cache(cache))
-        notices = capsys.readouterr().err.count("fused decode attention unavailable")
+        notices = capsys.readouterr().err.count("compiled kernels unavailable")
     finally:
-        fused_decode.kernel.cache_clear()
+        build.kernel.cache_clear()
+        decode_linear.kernel_faster.cache_clear()
     assert notices == 1
     assert not any(layer.fused for layer in cache.layers)

@@ -9,11 +9,18 @@ from kvpareto.config import Config
 from kvpareto.engine import generate, prefill
 from kvpareto.errors import UserError
 from kvpareto.hardware import auto_compute_dtype, resolve_compute_dtype
+from kvpareto.kernels import build, decode_linear
 from kvpareto.kv import make_cache
 from kvpareto.memory.measure import measure_prefill, weights_bytes_measured, weights_bytes_modeled
 from kvpareto.memory.model import modeled_activation_peak
 from kvpareto.models import load_model
-from kvpareto.models.storage_dtype import CastLinear, compute_dtype, compute_in, storage_dtype
+from kvpareto.models.storage_dtype import (
+    CastLinear,
+    cast_elements,
+    compute_dtype,
+    compute_in,
+    storage_dtype,
+)
 from kvpareto.weights.quantize import quantized_model
 from tests.conftest import TINY
 
@@ -137,14 +144,23 @@ def smollm2_fp32_compute():
 )
 def test_smollm2_cast_temporaries_are_measured_and_modeled(smollm2_fp32_compute, length, config):
     """Storage bf16, compute fp32: the per-layer weight casts are activation, and with small
-    chunks the LM head's cast block (1820 x 576 in fp32, 4.2 MB) sets the peak."""
+    chunks the LM head's cast block (1820 x 576 in fp32, 4.2 MB) sets the peak, unless the head's
+    one-row call takes the compiled decode linear (where this machine measured it faster),
+    which reads the bf16 table in place."""
     model = quantized_model(smollm2_fp32_compute, config).model
     ids = torch.randint(100, 40000, (1, length), generator=torch.Generator().manual_seed(length))
     measured, _ = measure_prefill(model, ids, config)
     modeled = modeled_activation_peak(model.config, config, length, torch.float32, torch.bfloat16)
     assert abs(modeled - measured) <= 0.10 * measured, (measured, modeled)
     if config.chunk_size:
-        assert measured > 4 * 2**20
+        head_cast = cast_elements(49152, 576) * 4
+        if decode_linear.kernel_faster(torch.float32):
+            # The head's one row read the bf16 table in place; through torch it casts a block.
+            with build.torch_only():
+                casting, _ = measure_prefill(model, ids, config)
+            assert measured <= casting and casting > head_cast
+        else:
+            assert measured > head_cast
 
 
 @pytest.mark.slow

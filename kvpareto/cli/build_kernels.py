@@ -1,4 +1,4 @@
-"""`kvpareto build-kernels`: compile the fused decode kernel for this CPU ahead of its first use."""
+"""`kvpareto build-kernels`: compile the kernels for this CPU ahead of their first use."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import typer
 
 
 def build_kernels_command() -> None:
-    """Build the fused decode attention kernel for this CPU now, not at its first use (`make`
-    runs this). Exit code 1 if it cannot be built; decoding then reads the dequantized history.
+    """Build the compiled kernels (fused decode attention, decode linear) for this CPU now, not
+    at their first use (`make` runs this). Exit code 1 if they cannot be built; decoding then
+    reads the dequantized history and runs torch's linears.
 
     Example: kvpareto build-kernels
     """
-    from kvpareto.kernels import fused_decode
+    from kvpareto.kernels import build
 
-    if fused_decode.kernel() is None:
+    if build.kernel() is None:
         raise typer.Exit(1)
-    typer.echo(f"fused decode kernel ({fused_decode.isa()[0]}): {fused_decode.build_dir()}")
+    typer.echo(f"kernels ({build.isa()[0]}): {build.build_dir()}")

@@ -48,9 +48,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpareto.codec import Quantized, TileShape, dequantize, hadamard, quantize, tile_shape
+from kvpareto.codec import Quantized, TileShape, dequantize, hadamard, tile_shape
 from kvpareto.config import Config
 from kvpareto.kernels import fused_decode
+from kvpareto.kernels.quantize_tokens import quantize_rows
 from kvpareto.kv.base import KVCache, KVLayer
 from kvpareto.kv.pruning import ChunkView, TokenPruner, make_scorer
 
@@ -420,7 +421,8 @@ class KVStream:
             x = x - self.mean.float()
         if self._rot is not None:
             x = x @ self._rot
-        return quantize(x, self.spec.bits, self.spec.tile, self.spec.symmetric, self.spec.clip)
+        spec = self.spec
+        return quantize_rows(x, spec.bits, spec.tile, spec.symmetric, spec.clip)
 
 
 def _quantized(held: list[torch.Tensor]) -> Quantized:

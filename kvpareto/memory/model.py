@@ -25,7 +25,9 @@ is_causal does it).
 - packed weights: the widest packed linear on its chunk (its dequantized weight and unpacked
   codes on the dequantize path, its bf16 activations on a kernel path, as measured on this
   machine by `packed_linear.call_path`);
-- weights stored in another dtype than the compute dtype: the largest per-call weight cast;
+- weights stored in another dtype than the compute dtype: the largest per-call weight cast (the
+  LM head's one-row call casts nothing where it takes the compiled decode linear, as measured on
+  this machine by `decode_linear.kernel_faster`);
 - a packed LM head on the last position (`_head_moment`): its logits and, where it
   dequantizes, one block of rows (the packed lookup's rows stay below the stream's bytes);
 - and, once, the decode step after the prompt: each layer rebuilds its whole history in the
@@ -42,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from kvpareto.config import Config
+from kvpareto.kernels import decode_linear
 from kvpareto.kv.static import layer_windows
 from kvpareto.memory.sdpa_packing import packs_call
 from kvpareto.memory.sdpa_packing import sdpa_packs as machine_sdpa_packs
@@ -266,7 +269,10 @@ def _cast_moment(cfg, config: Config, c: int, dtype: torch.dtype, storage: torch
     h, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     e = torch.finfo(dtype).bits // 8
     head_block = cast_elements(vocab, h)
-    head = (head_block + c * h + vocab + head_block // h) * e
+    if storage == torch.bfloat16 and decode_linear.kernel_faster(dtype):
+        head = (c * h + vocab) * e  # the head's one row reads the bf16 table in place
+    else:
+        head = (head_block + c * h + vocab + head_block // h) * e
     if config.embed_weights != "none":  # a packed head never casts its table (`_head_moment`)
         head = 0
     if config.weights != "none":  # packed decoder linears never cast their weights

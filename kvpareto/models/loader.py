@@ -108,12 +108,15 @@ def load_model(
 
     The float weights are held in `storage_dtype` (default: `dtype`) and the model computes in
     `dtype`, casting each weight as it is used when the two differ (`precision.compute_in`). Its
-    attention is SDPA's, but for decode steps that our cache fuses (`kernels.fused_decode`)."""
-    from kvpareto.kernels import fused_decode
+    attention is SDPA's, but for decode steps that our cache fuses (`kernels.fused_decode`), and
+    its linears run one-row calls through the compiled decode linear where this machine measured
+    it faster (`kernels.decode_linear`)."""
+    from kvpareto.kernels import decode_linear, fused_decode
 
     loaded = _load(ref, storage_dtype or dtype)
     compute_in(loaded.model, dtype)
     fused_decode.install(loaded.model)
+    decode_linear.install(loaded.model, dtype)
     return loaded
 
 

@@ -4,7 +4,8 @@ Memory figures are of what a deployment holds, so a model's float weights (linea
 norms) stay in the storage dtype whatever dtype this machine computes in. When the two differ,
 `compute_in` makes every op cast at its own boundary and let the copy go:
 - a linear casts its weight to its input's dtype, in row blocks of at most `CAST_BLOCK` elements,
-  so that a tied LM head (49152 x 576 in SmolLM2) never exists whole in fp32;
+  so that a tied LM head (49152 x 576 in SmolLM2) never exists whole in fp32 (a one-row call
+  that the compiled decode linear takes reads the bf16 weight in place and casts nothing);
 - an embedding casts the rows it looked up, not its table;
 - a norm multiplies its storage-dtype weight into compute-dtype activations, and type promotion
   casts inside that op (the RMSNorms of every supported family compute this way).
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpareto.errors import UserError
+from kvpareto.kernels.decode_linear import DecodeLinear
 
 CAST_BLOCK = 2**20  # the most weight elements one cast copy holds
 
@@ -28,10 +30,10 @@ def cast_elements(out_features: int, in_features: int) -> int:
     return rows * in_features
 
 
-class CastLinear(torch.nn.Linear):
+class CastLinear(DecodeLinear):
     """An nn.Linear whose weight stays in the storage dtype and is cast for each call."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = cast_elements(self.out_features, self.in_features) // self.in_features
         if rows == self.out_features:
             return F.linear(x, self.weight.to(x.dtype), _to(self.bias, x.dtype))

@@ -26,16 +26,13 @@ sizes, and llm-compressor checkpoints decompress to fp32 on CPU.
 from __future__ import annotations
 
 import functools
-import json
-import os
-import platform
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 from kvpareto.codec import Quantized, TileShape, dequantize, quantize
+from kvpareto.kernels.record import measured
 from kvpareto.weights import int4pack
 
 _F16 = 2
@@ -47,7 +44,6 @@ DECODE_ROWS = 8
 # (the kernels lose to dequantize + GEMM somewhere near 64 rows here, so a chunk must be long).
 _PROBE_SHAPE, _PROBE_GROUP = (1536, 576), 64
 _PROBE_ROWS = {"decode": 1, "prefill": 256}
-_PROBE_FORMAT = 1  # bump when the probe changes: it enters the per-machine cache key
 # The AVX-512 int8 kernel reads K in whole vectors and crashes (no error) on a ragged tail.
 INT8_K_MULTIPLE = 32
 
@@ -335,13 +331,7 @@ def kernel_choice(bits: int, dtype: torch.dtype, phase: str) -> dict:
     """{"path": fastest path, "us": microseconds per call of each candidate}, from the
     per-machine record in $KVPARETO_HOME if there is one, else probed now and recorded."""
     key = f"{bits}|{str(dtype).removeprefix('torch.')}|{phase}"
-    choice = _read_record().get(key)
-    if choice is None:
-        choice = _probe(bits, dtype, _PROBE_ROWS[phase])
-        record = _read_record()  # re-read: another process may have probed meanwhile
-        record[key] = choice
-        _write_record(record)
-    return choice
+    return measured(key, lambda: _probe(bits, dtype, _PROBE_ROWS[phase]))
 
 
 def kernel_summary(model: torch.nn.Module) -> dict:
@@ -392,48 +382,3 @@ def _seconds(layer: PackedLinear, path: str, x: torch.Tensor) -> float:
     start = time.perf_counter()
     layer.forward_via(path, x)
     return time.perf_counter() - start
-
-
-def _record_file():
-    from kvpareto.paths import cache_root
-
-    return cache_root() / "kernels.json"
-
-
-def _machine() -> str:
-    """What the choice depends on: torch build, dispatched ISA, threads and the CPU model."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{_PROBE_FORMAT}|{torch.__version__}|{isa}|{torch.get_num_threads()}t|{cpu}"
-
-
-def _read_record() -> dict:
-    try:
-        return json.loads(_record_file().read_text()).get(_machine(), {})
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_record(record: dict) -> None:
-    """Merge this machine's entries into the file, atomically (a rename); a write that fails
-    only costs a re-probe in the next process."""
-    path = _record_file()
-    try:
-        everything = json.loads(path.read_text())
-    except (OSError, ValueError):
-        everything = {}
-    everything[_machine()] = record
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(everything, f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
-        pass

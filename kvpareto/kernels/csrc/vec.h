@@ -1,0 +1,113 @@
+// Vector helpers shared by the kernels: kLanes floats at a time, written with AVX-512 or
+// AVX2/FMA intrinsics, whichever the build targets (kernels/build.py passes the flags), with a
+// scalar fallback. The compiler's own vectorizer was measured to fall short in these loops: rows
+// of 16-64 bytes ran in its scalar remainder loops, and each `omp simd` reduction ended in a
+// chain of scalar adds, one per lane.
+#pragma once
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+
+namespace kvpareto {
+
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+// Field `shift` of kLanes packed bytes, as floats.
+inline Vec vcodes(const uint8_t* p, __m128i shift, uint32_t mask) {
+  __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  x = _mm512_and_si512(_mm512_srl_epi32(x, shift), _mm512_set1_epi32(static_cast<int>(mask)));
+  return _mm512_cvtepi32_ps(x);
+}
+inline Vec vbf16(const uint16_t* p) {  // bf16 is fp32's upper half
+  __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+inline Vec vround(Vec x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline Vec vpow2(Vec n) {  // 2^n for integral n in [-126, 127]
+  const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kLanes = 8;
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+inline Vec vcodes(const uint8_t* p, __m128i shift, uint32_t mask) {
+  __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  x = _mm256_and_si256(_mm256_srl_epi32(x, shift), _mm256_set1_epi32(static_cast<int>(mask)));
+  return _mm256_cvtepi32_ps(x);
+}
+inline Vec vbf16(const uint16_t* p) {
+  __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vpow2(Vec n) {
+  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
+#else  // scalar: one lane
+constexpr int64_t kLanes = 1;
+using Vec = float;
+inline Vec vzero() { return 0.f; }
+inline Vec vset(float x) { return x; }
+inline Vec vload(const float* p) { return *p; }
+inline void vstore(float* p, Vec v) { *p = v; }
+inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
+inline float vsum(Vec v) { return v; }
+inline Vec vcodes(const uint8_t* p, int shift, uint32_t mask) {
+  return static_cast<float>((static_cast<uint32_t>(*p) >> shift) & mask);
+}
+inline Vec vbf16(const uint16_t* p) {
+  const uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline Vec vmul(Vec a, Vec b) { return a * b; }
+inline Vec vsub(Vec a, Vec b) { return a - b; }
+inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }  // b where either is NaN
+inline Vec vround(Vec x) { return std::nearbyint(x); }
+inline Vec vpow2(Vec n) {
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float f;
+  std::memcpy(&f, &e, sizeof f);
+  return f;
+}
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+inline __m128i vshift(int bits) { return _mm_cvtsi32_si128(bits); }
+#else
+inline int vshift(int bits) { return bits; }
+#endif
+
+}  // namespace kvpareto
