@@ -209,7 +209,7 @@ def _print_kv_bench(rows: dict, compute, storage: str) -> None:
         f"({compute.reason}), storage {storage}"
     )
     cols = ("context", "KV bits", "path", "ours tok/s", "÷ DynamicCache", "÷ quanto-4")
-    for col in (*cols, "÷ reference path"):
+    for col in (*cols, "÷ before kernels"):
         decode.add_column(col)
     for r in rows["decode"]:
         vs_q = f"{r['vs_quanto4']:.2f}x" if r["vs_quanto4"] else ""
