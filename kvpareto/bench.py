@@ -7,7 +7,7 @@ Targets live here, not in tests: tests check behaviour, wall time belongs to ben
   quantize-on-write: the "reference" path);
 - ours at 4 bits over transformers' QuantizedCache with the quanto backend at 4 bits;
 - prefill tokens/s chunked over unchunked;
-- the measured activation peak against chunk size;
+- the measured activation peak against chunk size, and one decode step's against the prefill's;
 - weight quantization: AWQ and RTN quantization time, and weight bytes and decode tokens/s of
   int8/int4/awq4 over the unquantized model, with the decode path their layers take;
 - KV pruning: NIAH accuracy and KV bytes against prune rate, over no pruning;
@@ -32,7 +32,7 @@ from kvpareto.hf_compat import with_cache
 from kvpareto.kernels import build
 from kvpareto.kv import make_cache
 from kvpareto.kv.base import KVCache
-from kvpareto.memory.measure import measure_prefill
+from kvpareto.memory.measure import measure_phases, measure_prefill
 
 KV_BITS = (16, 8, 4, 2)
 REFERENCE_BITS = (16, 4)  # widths also timed on the reference path, when they run fused
@@ -130,7 +130,7 @@ def prefill_rate(model, config: Config, prompt: torch.Tensor, repeats: int) -> f
 
 def run_bench(model, lengths: list[int], steps: int = 16, repeats: int = 3, log=print) -> dict:
     dtype = next(model.parameters()).dtype
-    rows: dict = {"decode": [], "prefill": [], "activation": []}
+    rows: dict = {"decode": [], "prefill": [], "activation": [], "decode_memory": []}
     for length in lengths:
         prompt = _prompt(length, model)
         caches: dict[str, Callable] = {"dynamic": lambda: DynamicCache(config=model.config)}
@@ -188,6 +188,21 @@ def run_bench(model, lengths: list[int], steps: int = 16, repeats: int = 3, log=
             )
             rows["activation"].append(
                 {"context": length, "chunk_size": chunk, "activation_peak_bytes": peak}
+            )
+        for bits in (16, 4):  # an unchunked prompt, then one token: each phase measured alone
+            pre, step = measure_phases(model, prompt, Config(k_bits=bits, v_bits=bits))
+            log(
+                f"{length}: {bits}-bit KV, activation peak of the prefill {pre / 2**20:.1f} MiB, "
+                f"of one decode step {step / 2**20:.2f} MiB"
+            )
+            rows["decode_memory"].append(
+                {
+                    "context": length,
+                    "kv_bits": bits,
+                    "prefill_peak_bytes": pre,
+                    "decode_step_peak_bytes": step,
+                    "step_vs_prefill": step / pre,
+                }
             )
     return rows
 
@@ -396,6 +411,12 @@ def targets(rows: dict) -> list[dict]:
             goal = FUSED_16_GOALS.get(length)
             measure = f"16-bit KV decode, kernels ÷ before them (SDPA, torch ops) at {length}"
             add(measure, r["vs_reference"], goal)
+    for r in rows.get("decode_memory", []):
+        measure = (
+            f"one decode step's activation peak ÷ the prefill's, {r['kv_bits']}-bit KV "
+            f"at {r['context']}"
+        )
+        add(measure, r["step_vs_prefill"], at_most=1.0)
     return found
 
 

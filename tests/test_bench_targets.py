@@ -47,3 +47,16 @@ def test_trial_cost_targets_keep_their_direction():
     assert found["int8-weight decode ÷ float-weight decode"]["met"] is False
     reuse = found["KV-only trial with prefill reuse ÷ cold trial"]
     assert reuse["target"] == "<= 0.25" and reuse["met"] is False
+
+
+def test_a_decode_step_must_need_less_activation_memory_than_the_prefill():
+    rows = {
+        "decode_memory": [
+            {"context": 1024, "kv_bits": 4, "step_vs_prefill": 0.2},
+            {"context": 4096, "kv_bits": 16, "step_vs_prefill": 1.1},
+        ]
+    }
+    found = {t["measure"]: t for t in targets(rows)}
+    assert found["one decode step's activation peak ÷ the prefill's, 4-bit KV at 1024"]["met"]
+    over = found["one decode step's activation peak ÷ the prefill's, 16-bit KV at 4096"]
+    assert over["target"] == "<= 1.0" and over["met"] is False

@@ -7,7 +7,12 @@ import torch
 
 from kvpareto.config import Config
 from kvpareto.kv import make_cache
-from kvpareto.memory.measure import measure_prefill, weights_bytes_measured, weights_bytes_modeled
+from kvpareto.memory.measure import (
+    measure_phases,
+    measure_prefill,
+    weights_bytes_measured,
+    weights_bytes_modeled,
+)
 from kvpareto.memory.model import modeled_activation_peak
 from tests.conftest import TINY
 
@@ -185,3 +190,14 @@ def test_activation_peak_with_one_kv_head_agrees_with_modeled(tiny_gemma3_one_kv
     measured, _ = measure_prefill(model, _ids(1024, vocab=259), config)
     modeled = modeled_activation_peak(model.config, config, 1024, torch.bfloat16)
     assert abs(measured - modeled) <= GRID_TOLERANCE * modeled, (measured, modeled)
+
+
+@pytest.mark.parametrize("config", [Config(), Config(k_bits=4, v_bits=4)], ids=lambda c: c.label())
+def test_a_decode_step_is_measured_apart_from_the_prefill(tiny_models, config):
+    """Each phase on its own allocator timeline: the decode step's peak is what each generated
+    token needs (a fused step reads the packed history in place), well below the prefill's."""
+    model = tiny_models["tiny-llama"].model
+    ids = _ids(512, vocab=259)
+    prefill_peak, step_peak = measure_phases(model, ids, config)
+    together, _ = measure_prefill(model, ids, config)
+    assert 0 < step_peak < prefill_peak <= together

@@ -193,6 +193,35 @@ def _cpu_peak(model, input_ids: torch.Tensor, cache, config: Config) -> tuple[in
     return _allocator_peak(events, list(zip(ends, held, strict=True))), kv
 
 
+@torch.inference_mode()
+def measure_phases(model, input_ids: torch.Tensor, config: Config) -> tuple[int, int]:
+    """(prefill activation peak, one decode step's activation peak), each measured on its own
+    on the CPU allocator (KV stores left out, as in `measure_prefill`): what a device needs for
+    the prompt, and what each generated token needs after it."""
+    dtype = next(model.parameters()).dtype
+    resolve_kernel_paths(model)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with make_cache(model, config, dtype, prompt_length=input_ids.shape[1]) as cache:
+        peaks, logits = [], None
+        for phase in ("prefill", "decode"):
+            held: list[set[int]] = []
+            with (
+                _marked_updates(cache, held),
+                torch.profiler.profile(
+                    activities=[ProfilerActivity.CPU], profile_memory=True
+                ) as prof,
+            ):
+                if phase == "prefill":
+                    logits = prefill(model, input_ids, cache, config.chunk_size)
+                else:
+                    token = logits.argmax(dim=-1)[:, None]
+                    model(token, **with_cache(cache), use_cache=True, logits_to_keep=1)
+                _mark_all(cache, held)
+            events, ends = _profiled(prof)
+            peaks.append(_allocator_peak(events, list(zip(ends, held, strict=True))))
+    return peaks[0], peaks[1]
+
+
 def _cuda_peak(model, input_ids: torch.Tensor, cache, config: Config) -> tuple[int, int]:
     """The CUDA allocator's peak over the run, less the KV held at the run's end, and the KV
     peak. The allocator keeps no timeline, so the KV subtracted is the end's, not the peak's:
