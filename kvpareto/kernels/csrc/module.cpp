@@ -1,22 +1,20 @@
-// The Python module of kvpareto's kernels: one binding per kernel, each defined in its own file.
+// The Python module of kvpareto's kernels: one binding per kernel, each defined in its own file
+// (which includes ATen alone; only this file pays for torch/extension.h and pybind11).
 #include <torch/extension.h>
 
 #include <tuple>
 #include <vector>
 
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_new,
-                               const torch::Tensor& v_new, const std::vector<torch::Tensor>& k_store,
-                               const std::vector<int64_t>& k_layout,
-                               const std::vector<torch::Tensor>& v_store,
-                               const std::vector<int64_t>& v_layout, const torch::Tensor& k_mean,
-                               const torch::Tensor& k_rot, const torch::Tensor& v_rot, int64_t lo,
-                               int64_t kept, double scaling);
-torch::Tensor decode_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                            const torch::Tensor& bias);
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_tokens(const torch::Tensor& x,
-                                                                         int64_t bits,
-                                                                         int64_t group,
-                                                                         bool symmetric);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                            const std::vector<at::Tensor>& k_store,
+                            const std::vector<int64_t>& k_layout,
+                            const std::vector<at::Tensor>& v_store,
+                            const std::vector<int64_t>& v_layout, const at::Tensor& k_mean,
+                            const at::Tensor& k_rot, const at::Tensor& v_rot, int64_t lo,
+                            int64_t kept, double scaling);
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_tokens(const at::Tensor& x, int64_t bits,
+                                                               int64_t group, bool symmetric);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention,
@@ -24,5 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_linear", &decode_linear,
         "x W^T + b for one row x and a bf16 weight W (see decode_linear.cpp)");
   m.def("quantize_tokens", &quantize_tokens,
-        "Per-token tiles of fp32 rows as packed codes, fp16 scale and zero (see quantize_tokens.cpp)");
+        "fp32 rows in per-token tiles as packed codes, fp16 scale and zero "
+        "(see quantize_tokens.cpp)");
 }
