@@ -8,9 +8,9 @@ accumulates in fp32, for bf16, fp16 and fp32 activations alike.
 
 Whether it beats torch is measured once per machine and activation dtype (`kernel_faster`, kept
 in the per-machine record beside the packed weight kernels' choices): a probe times both on a
-stack of layers too large for the caches, as a model's weights are. Calls of more than one row
-(prefill), weights not held in bf16, tensors off the CPU and calls that need gradients keep
-torch's path, which is also the reference the tests compare with.
+stack of layers (42 MB) that most CPUs' caches cannot hold, as a model's weights are streamed.
+Calls of more than one row (prefill), weights not held in bf16, tensors off the CPU and calls
+that need gradients keep torch's path, which is also the reference the tests compare with.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from kvpareto.kernels import build
 from kvpareto.kernels.record import measured
 
-# The probe: SmolLM2-sized up_proj layers (1536 x 576), enough of them (42 MB) that they stream
-# from memory as a decode step's weights do.
+# The probe: SmolLM2-sized up_proj layers (1536 x 576), enough of them (42 MB) that on most CPUs
+# they stream from memory as a decode step's weights do.
 _PROBE_SHAPE, _PROBE_LAYERS, _PROBE_ROUNDS = (1536, 576), 24, 5
 
 
