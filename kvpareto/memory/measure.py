@@ -179,6 +179,12 @@ def _cpu_peak(model, input_ids: torch.Tensor, cache, config: Config) -> tuple[in
     # A packed layer probes its kernel paths at its first call on a machine; a probe inside the
     # profiled run would count its scratch as activation, so it happens now.
     resolve_kernel_paths(model)
+    return _profiled_peak(cache, lambda: _run(model, input_ids, cache, config))
+
+
+def _profiled_peak(cache, run):
+    """(the allocator's activation peak while `run()` runs, KV stores left out, what it
+    returned), with the cache's updates marked."""
     held: list[set[int]] = []
     # Kineto logs "profiler_start/stop" lines straight to stderr at every profile, below any
     # level Python controls; 6 is past its highest level, so it stays quiet unless a user asks.
@@ -187,10 +193,10 @@ def _cpu_peak(model, input_ids: torch.Tensor, cache, config: Config) -> tuple[in
         _marked_updates(cache, held),
         torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
     ):
-        kv = _run(model, input_ids, cache, config)
+        result = run()
         _mark_all(cache, held)
     events, ends = _profiled(prof)
-    return _allocator_peak(events, list(zip(ends, held, strict=True))), kv
+    return _allocator_peak(events, list(zip(ends, held, strict=True))), result
 
 
 @torch.inference_mode()
@@ -200,26 +206,15 @@ def measure_phases(model, input_ids: torch.Tensor, config: Config) -> tuple[int,
     the prompt, and what each generated token needs after it."""
     dtype = next(model.parameters()).dtype
     resolve_kernel_paths(model)
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with make_cache(model, config, dtype, prompt_length=input_ids.shape[1]) as cache:
-        peaks, logits = [], None
-        for phase in ("prefill", "decode"):
-            held: list[set[int]] = []
-            with (
-                _marked_updates(cache, held),
-                torch.profiler.profile(
-                    activities=[ProfilerActivity.CPU], profile_memory=True
-                ) as prof,
-            ):
-                if phase == "prefill":
-                    logits = prefill(model, input_ids, cache, config.chunk_size)
-                else:
-                    token = logits.argmax(dim=-1)[:, None]
-                    model(token, **with_cache(cache), use_cache=True, logits_to_keep=1)
-                _mark_all(cache, held)
-            events, ends = _profiled(prof)
-            peaks.append(_allocator_peak(events, list(zip(ends, held, strict=True))))
-    return peaks[0], peaks[1]
+        prefill_peak, logits = _profiled_peak(
+            cache, lambda: prefill(model, input_ids, cache, config.chunk_size)
+        )
+        token = logits.argmax(dim=-1)[:, None]
+        step_peak, _ = _profiled_peak(
+            cache, lambda: model(token, **with_cache(cache), use_cache=True, logits_to_keep=1)
+        )
+    return prefill_peak, step_peak
 
 
 def _cuda_peak(model, input_ids: torch.Tensor, cache, config: Config) -> tuple[int, int]:

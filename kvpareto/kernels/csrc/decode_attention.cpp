@@ -28,6 +28,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "vec.h"
 
 namespace {

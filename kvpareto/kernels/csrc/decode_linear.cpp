@@ -20,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels.h"
 #include "vec.h"
 
 namespace {

@@ -2,19 +2,7 @@
 // (which includes ATen alone; only this file pays for torch/extension.h and pybind11).
 #include <torch/extension.h>
 
-#include <tuple>
-#include <vector>
-
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                            const std::vector<at::Tensor>& k_store,
-                            const std::vector<int64_t>& k_layout,
-                            const std::vector<at::Tensor>& v_store,
-                            const std::vector<int64_t>& v_layout, const at::Tensor& k_mean,
-                            const at::Tensor& k_rot, const at::Tensor& v_rot, int64_t lo,
-                            int64_t kept, double scaling);
-at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_tokens(const at::Tensor& x, int64_t bits,
-                                                               int64_t group, bool symmetric);
+#include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention,

@@ -19,6 +19,8 @@
 #include <cmath>
 #include <tuple>
 
+#include "kernels.h"
+
 namespace {
 
 constexpr float kF16Max = 65504.f;
@@ -72,9 +74,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_tokens(const at::Tensor&
       float c;
       if (symmetric) {
         float absmax = 0.f;
-        for (int64_t j = 0; j < group; ++j) absmax = std::max(absmax, std::fabs(v[j]));
-        if (std::isnan(absmax) || std::any_of(v, v + group, [](float a) { return std::isnan(a); }))
-          absmax = NAN;
+        bool nan = false;
+        for (int64_t j = 0; j < group; ++j) {
+          absmax = std::max(absmax, std::fabs(v[j]));
+          nan |= std::isnan(v[j]);
+        }
+        if (nan) absmax = NAN;  // as torch's amax; std::max would skip it
         const c10::Half s = round_f16(absmax / qmax, true);
         const float sf = static_cast<float>(s);
         const float safe = sf > 0.f ? sf : 1.f;
