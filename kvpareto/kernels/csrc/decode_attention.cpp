@@ -1,9 +1,15 @@
 // Decode attention (one query token) read straight from the KV stores of kv/static.py: packed
 // quantized tiles, then a full-precision tail (a 16-bit stream is all tail).
 //
-// A packed row is dequantized once into a float scratch row (code * scale + zero of its tile),
-// which then serves every query head of its GQA group: one dot product per head for K, one
-// axpy per head for V. The dequantized history is never materialized beyond that one row.
+// Each row is read once for every query head of its GQA group, and the dequantized history is
+// never materialized. Rows of per-token tiles, and full-precision rows, are dequantized a vector
+// at a time in registers (code * scale + zero of its tile), with the heads' running sums held in
+// registers too (the head count is a template argument, so they are not spilled): for K, one
+// vector of partial sums per token and head, a block of kLanes tokens then summed at once
+// (`vhsums`); for V, one vector of channels at a time over all the part's tokens. Before that,
+// a row went through a scratch row in memory and every head's V accumulator was updated in
+// memory token after token: bound by stores, 2.5x slower (docs/findings.md). Rows of
+// per-channel K tiles, and other shapes, still take the scratch row.
 //
 // Codes are packed along channels, `per` = 8/bits to a byte: channel per*i + f sits in byte i at
 // bits f*bits. Rather than interleave unpacked fields back into channel order, the rotated
@@ -89,6 +95,13 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// a . b as a vector of kLanes partial sums, for n a multiple of kLanes (`vhsums` adds them up).
+inline Vec dot_lanes(const float* a, const float* b, int64_t n) {
+  Vec acc = vzero();
+  for (int64_t i = 0; i < n; i += kLanes) acc = vfma(vload(a + i), vload(b + i), acc);
+  return acc;
+}
+
 inline void axpy(float w, const float* x, float* y, int64_t n) {
   const Vec wv = vset(w);
   int64_t i = 0;
@@ -171,9 +184,174 @@ struct Stream {
 // Scratch one part reuses token after token; allocated once per thread and chunk of parts.
 struct Scratch {
   std::vector<float> scores, row, s, z, ps, pz;
+  std::vector<float> ts, tz;         // per-token tiles' scales and zeros, [token, group]
+  std::vector<const uint8_t*> rows;  // per-token tiles' code rows
+  std::vector<float> lanes;          // [head, kLanes tokens, kLanes partial sums] (`vhsums`)
+  std::vector<const char*> tail_rows;  // full-precision rows, in token order
   Scratch(int64_t rep, int64_t d)
-      : scores(rep * kChunk), row(d), s(d), z(d), ps(d), pz(d) {}
+      : scores(rep * kChunk), row(d), s(d), z(d), ps(d), pz(d), rows(kChunk),
+        lanes(rep * kLanes * kLanes), tail_rows(kChunk) {}
 };
+
+constexpr int64_t kMaxRep = 8;  // query heads per KV head whose accumulators stay in registers
+
+// Whether `weigh_packed_rows` serves a packed stream: per-token tiles whose groups cover whole
+// vectors of a row's bytes, or two groups to a vector (2-bit g32 with 16 lanes).
+bool weighs_by_vectors(const Stream& st, int64_t d, int64_t rep) {
+  if (st.tile_tokens != 1 || st.nb % kLanes != 0 || rep > kMaxRep) return false;
+  const int64_t span = st.nb / st.groups(d);
+  return span % kLanes == 0 || 2 * span == kLanes;
+}
+
+// The scales and zeros (as floats) and the code rows of per-token tiles [lo, lo + n) of `st`,
+// into sc.ts / sc.tz ([token, group]) and sc.rows.
+void per_token_tiles(const Stream& st, int64_t lo, int64_t n, int64_t d, Scratch& sc) {
+  const int64_t groups = st.groups(d);
+  if (static_cast<int64_t>(sc.ts.size()) < n * groups) {
+    sc.ts.resize(n * groups);
+    sc.tz.resize(n * groups);
+  }
+  int64_t slot, r;
+  st.packed_at(lo, slot, r);
+  for (int64_t j = 0; j < n; ++j, st.next_packed(slot, r)) {
+    st.tiles(slot * groups, groups, sc.ts.data() + j * groups, sc.tz.data() + j * groups);
+    sc.rows[j] = st.codes + slot * st.nb;
+  }
+}
+
+// Packed V rows [lo, lo + n) weighted by p[h * stride_p + j] and added into the planar
+// accumulators acc + h * stride_acc, for R query heads. The loop runs one vector of channels at
+// a time over all the part's tokens, so that each head's accumulator stays in a register (R is
+// a template argument so that the compiler can keep them there): row after row of axpy into
+// memory was bound by its stores.
+template <int R>
+void weigh_packed_rows(const Stream& st, int64_t n, const float* p, int64_t stride_p,
+                       int64_t d, const Scratch& sc, float* acc, int64_t stride_acc) {
+  const int64_t groups = st.groups(d), nb = st.nb, span = nb / groups;
+  const uint32_t mask = (1u << st.bits) - 1;
+  const bool two = span < kLanes;
+  for (int64_t c = 0; c < d; c += kLanes) {  // planar channels [c, c + kLanes)
+    const int64_t f = c / nb, i = c % nb, g = i / span;
+    const auto sh = vshift(static_cast<int>(f * st.bits));
+    Vec a[R];
+    for (int h = 0; h < R; ++h) a[h] = vzero();
+    for (int64_t j = 0; j < n; ++j) {
+      const float* s = sc.ts.data() + j * groups + g;
+      const float* z = sc.tz.data() + j * groups + g;
+      const Vec x = vfma(vcodes(sc.rows[j] + i, sh, mask), two ? vset2(s[0], s[1]) : vset(*s),
+                         two ? vset2(z[0], z[1]) : vset(*z));
+      for (int h = 0; h < R; ++h) a[h] = vfma(vset(p[h * stride_p + j]), x, a[h]);
+    }
+    for (int h = 0; h < R; ++h) {
+      float* o = acc + h * stride_acc + c;
+      vstore(o, vadd(vload(o), a[h]));
+    }
+  }
+}
+
+// The products qp[h] * row (kLanes partial sums per head h < R) of the per-token packed K row j
+// of `per_token_tiles`, dequantized a vector at a time in registers; stored at
+// lanes + h * kLanes * kLanes (see `score_in_blocks`).
+template <int R>
+void packed_products(const Stream& st, int64_t j, const float* const* qp, int64_t d,
+                     const Scratch& sc, float* lanes) {
+  const int64_t groups = st.groups(d), nb = st.nb, span = nb / groups;
+  const uint32_t mask = (1u << st.bits) - 1;
+  const uint8_t* row = sc.rows[j];
+  const float* s = sc.ts.data() + j * groups;
+  const float* z = sc.tz.data() + j * groups;
+  Vec a[R];
+  for (int h = 0; h < R; ++h) a[h] = vzero();
+  for (int64_t f = 0; f < st.per; ++f) {
+    const auto sh = vshift(static_cast<int>(f * st.bits));
+    const int64_t base = f * nb;
+    if (span >= kLanes) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const Vec sg = vset(s[g]), zg = vset(z[g]);
+        for (int64_t i = g * span; i < (g + 1) * span; i += kLanes) {
+          const Vec x = vfma(vcodes(row + i, sh, mask), sg, zg);
+          for (int h = 0; h < R; ++h) a[h] = vfma(vload(qp[h] + base + i), x, a[h]);
+        }
+      }
+    } else {  // two groups to a vector
+      for (int64_t g = 0; g < groups; g += 2) {
+        const int64_t i = g * span;
+        const Vec x =
+            vfma(vcodes(row + i, sh, mask), vset2(s[g], s[g + 1]), vset2(z[g], z[g + 1]));
+        for (int h = 0; h < R; ++h) a[h] = vfma(vload(qp[h] + base + i), x, a[h]);
+      }
+    }
+  }
+  for (int h = 0; h < R; ++h) vstore(lanes + h * kLanes * kLanes, a[h]);
+}
+
+// kLanes floats of a full-precision row (bf16 or fp32) from element i on.
+inline Vec row_vec(const char* row, Float type, int64_t i) {
+  return type == Float::bf16 ? vbf16(reinterpret_cast<const uint16_t*>(row) + i)
+                             : vload(reinterpret_cast<const float*>(row) + i);
+}
+
+// Whether full-precision rows of this type are read in registers (`tail_products`,
+// `weigh_tail_rows`); fp16 rows take the scalar conversion of `load_row`.
+bool tail_in_registers(Float type, int64_t d, int64_t rep) {
+  return type != Float::f16 && d % kLanes == 0 && rep <= kMaxRep;
+}
+
+// The products q[h] * row (kLanes partial sums per head h < R) of a full-precision row, stored
+// at lanes + h * kLanes * kLanes, as `packed_products` does for packed rows.
+template <int R>
+void tail_products(const char* row, Float type, const float* const* q, int64_t d,
+                   float* lanes) {
+  Vec a[R];
+  for (int h = 0; h < R; ++h) a[h] = vzero();
+  for (int64_t i = 0; i < d; i += kLanes) {
+    const Vec x = row_vec(row, type, i);
+    for (int h = 0; h < R; ++h) a[h] = vfma(vload(q[h] + i), x, a[h]);
+  }
+  for (int h = 0; h < R; ++h) vstore(lanes + h * kLanes * kLanes, a[h]);
+}
+
+// Full-precision rows[0:n] weighted by p[h * stride_p + j] and added into acc + h * stride_acc,
+// a vector of channels at a time, as `weigh_packed_rows` does for packed rows.
+template <int R>
+void weigh_tail_rows(const char* const* rows, Float type, int64_t n, const float* p,
+                     int64_t stride_p, int64_t d, float* acc, int64_t stride_acc) {
+  for (int64_t c = 0; c < d; c += kLanes) {
+    Vec a[R];
+    for (int h = 0; h < R; ++h) a[h] = vzero();
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec x = row_vec(rows[j], type, c);
+      for (int h = 0; h < R; ++h) a[h] = vfma(vset(p[h * stride_p + j]), x, a[h]);
+    }
+    for (int h = 0; h < R; ++h) {
+      float* o = acc + h * stride_acc + c;
+      vstore(o, vadd(vload(o), a[h]));
+    }
+  }
+}
+
+using TailProducts = void (*)(const char*, Float, const float* const*, int64_t, float*);
+constexpr TailProducts kTailProducts[kMaxRep] = {
+    tail_products<1>, tail_products<2>, tail_products<3>, tail_products<4>,
+    tail_products<5>, tail_products<6>, tail_products<7>, tail_products<8>};
+
+using WeighTail = void (*)(const char* const*, Float, int64_t, const float*, int64_t, int64_t,
+                           float*, int64_t);
+constexpr WeighTail kWeighTail[kMaxRep] = {
+    weigh_tail_rows<1>, weigh_tail_rows<2>, weigh_tail_rows<3>, weigh_tail_rows<4>,
+    weigh_tail_rows<5>, weigh_tail_rows<6>, weigh_tail_rows<7>, weigh_tail_rows<8>};
+
+using PackedProducts = void (*)(const Stream&, int64_t, const float* const*, int64_t,
+                                const Scratch&, float*);
+constexpr PackedProducts kPackedProducts[kMaxRep] = {
+    packed_products<1>, packed_products<2>, packed_products<3>, packed_products<4>,
+    packed_products<5>, packed_products<6>, packed_products<7>, packed_products<8>};
+
+using WeighRows = void (*)(const Stream&, int64_t, const float*, int64_t, int64_t,
+                           const Scratch&, float*, int64_t);
+constexpr WeighRows kWeighRows[kMaxRep] = {
+    weigh_packed_rows<1>, weigh_packed_rows<2>, weigh_packed_rows<3>, weigh_packed_rows<4>,
+    weigh_packed_rows<5>, weigh_packed_rows<6>, weigh_packed_rows<7>, weigh_packed_rows<8>};
 
 // The packed row at (slot, row) of `st` dequantized into `out`, planar. Each field f of the
 // row's bytes is one loop over the bytes, with the scale and zero of byte i's channel: for
@@ -195,6 +373,16 @@ void dequantize_row(const Stream& st, int64_t slot, int64_t row_in_tile, int64_t
           const Vec s = vset(sc.s[g]), z = vset(sc.z[g]);
           for (int64_t i = g * span; i < (g + 1) * span; i += kLanes)
             vstore(out + f * nb + i, vfma(vcodes(row + i, sh, mask), s, z));
+        }
+      }
+      return;
+    }
+    if (2 * span == kLanes && nb % kLanes == 0) {  // two groups to a vector (2-bit g32, AVX-512)
+      for (int64_t f = 0; f < st.per; ++f) {
+        const auto sh = vshift(static_cast<int>(f * st.bits));
+        for (int64_t g = 0; g < groups; g += 2) {
+          const Vec s = vset2(sc.s[g], sc.s[g + 1]), z = vset2(sc.z[g], sc.z[g + 1]);
+          vstore(out + f * nb + g * span, vfma(vcodes(row + g * span, sh, mask), s, z));
         }
       }
       return;
@@ -231,6 +419,76 @@ struct Head {
   float smooth = 0.f;     // q . mean, added to every packed K score
 };
 
+// The scores of tokens [lo, lo + n) for every head into scores[h * n + j], for d a multiple of
+// kLanes: each token's products stay a vector per head until a block of kLanes tokens is summed
+// at once (`vhsums`), as one horizontal sum per token and head cost more than its products.
+void score_in_blocks(const Stream& K, const std::vector<Head>& heads, const float* k_new,
+                     int64_t d, int64_t lo, int64_t n, int64_t kept, Scratch& sc, float* scores) {
+  const int64_t rep = heads.size(), n_packed = std::clamp<int64_t>(K.n_q - lo, 0, n);
+  float* row = sc.row.data();
+  float* lanes = sc.lanes.data();
+  int64_t slot = 0, r = 0, tile = -1;
+  if (n_packed) K.packed_at(lo, slot, r);
+  int64_t tail_slot = K.tail_at(lo + n_packed);
+  // Per-token packed rows are dequantized in registers (`packed_products`), others into `row`.
+  const PackedProducts in_registers =
+      n_packed && weighs_by_vectors(K, d, rep) ? kPackedProducts[rep - 1] : nullptr;
+  const float* qp[kMaxRep] = {};
+  if (in_registers) {
+    per_token_tiles(K, lo, n_packed, d, sc);
+    for (int64_t h = 0; h < rep; ++h) qp[h] = heads[h].qp.data();
+  }
+  const bool tail_fast = tail_in_registers(K.tail_type, d, rep);
+  const float* q_raw[kMaxRep] = {};
+  if (tail_fast)
+    for (int64_t h = 0; h < rep; ++h) q_raw[h] = heads[h].q.data();
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+    const int64_t m = std::min(kLanes, n - j0);
+    for (int64_t t = 0; t < m; ++t) {
+      const int64_t j = j0 + t;
+      const bool packed = j < n_packed;
+      if (packed && in_registers) {
+        in_registers(K, j, qp, d, sc, lanes + t * kLanes);
+        continue;
+      }
+      if (!packed && tail_fast) {
+        const bool is_new = lo + j == kept;
+        const char* x = is_new ? reinterpret_cast<const char*>(k_new)
+                               : K.tail + tail_slot * K.tail_row_bytes;
+        kTailProducts[rep - 1](x, is_new ? Float::f32 : K.tail_type, q_raw, d, lanes + t * kLanes);
+        K.next_tail(tail_slot);
+        continue;
+      }
+      const float* x;
+      if (packed) {
+        dequantize_row(K, slot, r, d, sc, tile, row);
+        K.next_packed(slot, r);
+        x = row;
+      } else {
+        x = lo + j == kept ? k_new : K.tail_row(tail_slot, d, row);
+        K.next_tail(tail_slot);
+      }
+      for (int64_t h = 0; h < rep; ++h) {
+        const float* q = packed ? heads[h].qp.data() : heads[h].q.data();
+        vstore(lanes + (h * kLanes + t) * kLanes, dot_lanes(q, x, d));
+      }
+    }
+    for (int64_t h = 0; h < rep; ++h) {
+      float* block = lanes + h * kLanes * kLanes;
+      if (m == kLanes) {
+        vhsums(block, scores + h * n + j0);
+        continue;
+      }
+      float sums[kLanes];
+      std::fill(block + m * kLanes, block + kLanes * kLanes, 0.f);
+      vhsums(block, sums);
+      std::copy(sums, sums + m, scores + h * n + j0);
+    }
+  }
+  for (int64_t h = 0; h < rep; ++h)
+    for (int64_t j = 0; j < n_packed; ++j) scores[h * n + j] += heads[h].smooth;
+}
+
 // One part: tokens [lo, hi) of one (batch, KV head), for its `rep` query heads. `kept` is the
 // new token's index (read from k_new / v_new, not the stores). Writes per head
 // [max, sum, packed-V accumulator (planar), full-precision-V accumulator].
@@ -242,7 +500,10 @@ void run_part(const Stream& K, const Stream& V, const std::vector<Head>& heads,
   float* row = sc.row.data();
   // Scores: packed tokens [lo, K.n_q), then the tail, whose last token may be the new one.
   int64_t j = 0, tile = -1;
-  if (lo < K.n_q) {
+  if (d % kLanes == 0) {
+    score_in_blocks(K, heads, k_new, d, lo, n, kept, sc, scores);
+    j = n;
+  } else if (lo < K.n_q) {
     int64_t slot, r;
     K.packed_at(lo, slot, r);
     for (; j < n && lo + j < K.n_q; ++j, K.next_packed(slot, r)) {
@@ -251,10 +512,11 @@ void run_part(const Stream& K, const Stream& V, const std::vector<Head>& heads,
         scores[h * n + j] = dot(heads[h].qp.data(), row, d) + heads[h].smooth;
     }
   }
-  for (int64_t slot = K.tail_at(lo + j); j < n; ++j, K.next_tail(slot)) {
-    const float* x = lo + j == kept ? k_new : K.tail_row(slot, d, row);
-    for (int64_t h = 0; h < rep; ++h) scores[h * n + j] = dot(heads[h].q.data(), x, d);
-  }
+  if (j < n)
+    for (int64_t slot = K.tail_at(lo + j); j < n; ++j, K.next_tail(slot)) {
+      const float* x = lo + j == kept ? k_new : K.tail_row(slot, d, row);
+      for (int64_t h = 0; h < rep; ++h) scores[h * n + j] = dot(heads[h].q.data(), x, d);
+    }
   for (int64_t h = 0; h < rep; ++h) {
     float* o = out + h * stride;
     o[1] = 0.f;
@@ -263,7 +525,11 @@ void run_part(const Stream& K, const Stream& V, const std::vector<Head>& heads,
   }
   // Weighted values: packed rows into the planar accumulator, tail rows into the raw one.
   j = 0, tile = -1;
-  if (lo < V.n_q) {
+  if (lo < V.n_q && weighs_by_vectors(V, d, rep)) {
+    j = std::min(n, V.n_q - lo);
+    per_token_tiles(V, lo, j, d, sc);
+    kWeighRows[rep - 1](V, j, scores, n, d, sc, out + 2, stride);
+  } else if (lo < V.n_q) {
     int64_t slot, r;
     V.packed_at(lo, slot, r);
     for (; j < n && lo + j < V.n_q; ++j, V.next_packed(slot, r)) {
@@ -271,7 +537,16 @@ void run_part(const Stream& K, const Stream& V, const std::vector<Head>& heads,
       for (int64_t h = 0; h < rep; ++h) axpy(scores[h * n + j], row, out + h * stride + 2, d);
     }
   }
-  for (int64_t slot = V.tail_at(lo + j); j < n; ++j, V.next_tail(slot)) {
+  int64_t slot = V.tail_at(lo + j);
+  const int64_t stored = std::min(n, kept - lo);  // tokens [j, stored) are in the tail's ring
+  if (stored > j && tail_in_registers(V.tail_type, d, rep)) {
+    for (int64_t k = 0; j + k < stored; ++k, V.next_tail(slot))
+      sc.tail_rows[k] = V.tail + slot * V.tail_row_bytes;
+    kWeighTail[rep - 1](sc.tail_rows.data(), V.tail_type, stored - j, scores + j, n, d,
+                        out + 2 + d, stride);
+    j = stored;
+  }
+  for (; j < n; ++j, V.next_tail(slot)) {
     const float* x = lo + j == kept ? v_new : V.tail_row(slot, d, row);
     for (int64_t h = 0; h < rep; ++h) axpy(scores[h * n + j], x, out + h * stride + 2 + d, d);
   }

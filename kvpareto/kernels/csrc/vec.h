@@ -34,6 +34,11 @@ inline Vec vbf16(const uint16_t* p) {  // bf16 is fp32's upper half
   __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
 }
+// lo in the lower half of the lanes, hi in the upper half
+inline Vec vset2(float lo, float hi) {
+  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+}
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }  // b where either is NaN
@@ -43,6 +48,25 @@ inline Vec vround(Vec x) {
 inline Vec vpow2(Vec n) {  // 2^n for integral n in [-126, 127]
   const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
   return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+}
+// out[t] = the sum of rows[t * kLanes : (t + 1) * kLanes], for t < kLanes: kLanes horizontal
+// sums at once (45 shuffles and adds, where one at a time costs about 8 dependent ones each).
+inline void vhsums(const float* rows, float* out) {
+  __m512 a[8], b[4];
+  for (int k = 0; k < 8; ++k) {  // per 128-bit block: rows 2k and 2k+1, interleaved
+    const __m512 x = _mm512_loadu_ps(rows + 32 * k), y = _mm512_loadu_ps(rows + 32 * k + 16);
+    a[k] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+  }
+  for (int m = 0; m < 4; ++m) {  // per 128-bit block: rows 4m .. 4m+3 in order
+    const __m512d x = _mm512_castps_pd(a[2 * m]), y = _mm512_castps_pd(a[2 * m + 1]);
+    b[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const auto fold = [](__m512 x, __m512 y) {  // blocks (x0+x1, x2+x3, y0+y1, y2+y3)
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+  };
+  const __m512 c0 = fold(b[0], b[1]), c1 = fold(b[2], b[3]);
+  _mm512_storeu_ps(out, fold(c0, c1));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kLanes = 8;
@@ -66,6 +90,10 @@ inline Vec vbf16(const uint16_t* p) {
   __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
 }
+inline Vec vset2(float lo, float hi) {
+  return _mm256_blend_ps(_mm256_set1_ps(lo), _mm256_set1_ps(hi), 0xF0);
+}
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }  // b where either is NaN
@@ -73,6 +101,21 @@ inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT |
 inline Vec vpow2(Vec n) {
   const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
   return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
+// out[t] = the sum of rows[t * kLanes : (t + 1) * kLanes], for t < kLanes, at once.
+inline void vhsums(const float* rows, float* out) {
+  __m256 a[4], b[2];
+  for (int k = 0; k < 4; ++k) {
+    const __m256 x = _mm256_loadu_ps(rows + 16 * k), y = _mm256_loadu_ps(rows + 16 * k + 8);
+    a[k] = _mm256_add_ps(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y));
+  }
+  for (int m = 0; m < 2; ++m) {
+    const __m256d x = _mm256_castps_pd(a[2 * m]), y = _mm256_castps_pd(a[2 * m + 1]);
+    b[m] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)),
+                         _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20),
+                                      _mm256_permute2f128_ps(b[0], b[1], 0x31)));
 }
 #else  // scalar: one lane
 constexpr int64_t kLanes = 1;
@@ -92,6 +135,8 @@ inline Vec vbf16(const uint16_t* p) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+inline Vec vset2(float lo, float) { return lo; }  // one lane: its lower half
+inline Vec vadd(Vec a, Vec b) { return a + b; }
 inline Vec vmul(Vec a, Vec b) { return a * b; }
 inline Vec vsub(Vec a, Vec b) { return a - b; }
 inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }  // b where either is NaN
@@ -102,6 +147,7 @@ inline Vec vpow2(Vec n) {
   std::memcpy(&f, &e, sizeof f);
   return f;
 }
+inline void vhsums(const float* rows, float* out) { *out = *rows; }
 #endif
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
