@@ -65,8 +65,14 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def on_device(ids: torch.Tensor, model) -> torch.Tensor:
+    """`ids` on the device of the model's weights (`--device`); callers build them on the CPU."""
+    return ids.to(next(model.parameters()).device)
+
+
 def prefill(model, input_ids: torch.Tensor, cache: KVCache, chunk_size: int) -> torch.Tensor:
     """Run the prompt through the cache chunk by chunk; return the last position's logits."""
+    input_ids = on_device(input_ids, model)
     step = chunk_size or input_ids.shape[1]
     with observe_queries(model, cache):
         for start in range(0, input_ids.shape[1], step):
@@ -131,6 +137,7 @@ def score_tokens(
     Returns (log-probability of each scored token, whether it was the greedy choice).
     """
     dtype = next(model.parameters()).dtype
+    input_ids = on_device(input_ids, model)
     logprobs, greedy = [], []
 
     def take(logits: torch.Tensor, first: int) -> None:
@@ -199,7 +206,7 @@ class _AlongAnswer:
         """Score the rest of `follow` on a fork of `cache`, which holds the prompt and
         follow[:at], at the last position scored."""
         at = len(self.rows) - 1
-        rest = torch.tensor([list(self.follow[at:-1])])
+        rest = on_device(torch.tensor([list(self.follow[at:-1])]), self.model)
         with cache.fork() as fork:
             for _, logits in teacher_force(self.model, rest, fork, self.config):
                 self.rows.append(logits.float().log_softmax(-1))
@@ -221,6 +228,7 @@ def generate(
     next-token log-softmax at each answer position (`answer_logprobs`): along the generated
     tokens, or, given `follow` (a reference answer), along its tokens (`_AlongAnswer`)."""
     dtype = next(model.parameters()).dtype
+    input_ids = on_device(input_ids, model)
     stops = stop_token_ids(model, tokenizer)
     along = _AlongAnswer(model, config, follow) if logprobs else None
     with make_cache(model, config, dtype, prompt_length=input_ids.shape[1]) as cache:

@@ -1,4 +1,7 @@
-"""The compute dtype this machine should run in, and why.
+"""The device and compute dtype this machine should run on, and why.
+
+`--device auto` runs on CUDA where torch sees a GPU, else on the CPU; asking for `cuda` without
+one is a user error, not a silent fallback.
 
 `auto` picks bfloat16 where bf16 matmuls are native: on CUDA, or on a CPU with the `avx512_bf16`
 or `amx_bf16` flag. Elsewhere bf16 is emulated (an AVX2-only EPYC prefilled 5x slower in bf16 than
@@ -17,6 +20,7 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float32", "float16")
 STORAGE_DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,52 @@ def dtype_choice(value: str, option: str, choices: tuple[str, ...]) -> str:
     if name not in choices:
         raise UserError(f"{option} must be one of {', '.join(choices)}; got {value!r}")
     return name
+
+
+def cpu_only(choices: dict) -> list[str]:
+    """The knob values among `choices` (knob name -> the values a run may take) whose code runs
+    on the CPU only, as "knob=value": weight quantization (the packed layouts are those of
+    torch's CPU int4/int8 kernels and of our CPU extension) and the adaptive and rule KV schemes
+    (their controller and token features are built on the CPU)."""
+    found = {
+        f"{knob}={value}"
+        for knob, values in choices.items()
+        for value in values
+        if (knob in ("weights", "embed_weights") and value != "none")
+        or (knob == "kv_scheme" and value in ("adaptive", "rule"))
+    }
+    return sorted(found)
+
+
+def resolve_device(requested: str, choices: dict | None = None) -> str:
+    """The device type `requested` (one of DEVICES) stands for on this machine, cpu or cuda, for
+    a run whose knobs may take `choices` (see `cpu_only`). `auto` stays on the CPU for a run
+    with CPU-only parts, so the default never turns into an error on a machine with a GPU;
+    `cuda` refuses them."""
+    if requested not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}; got {requested!r}")
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    needs_cpu = cpu_only(choices or {})
+    if requested == "auto":
+        return "cuda" if has_cuda and not needs_cpu else "cpu"
+    if requested == "cuda" and not has_cuda:
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise UserError(f"--device cuda: torch ({build}) sees no CUDA GPU; use --device cpu")
+    check_device(choices or {}, requested)
+    return requested
+
+
+def check_device(choices: dict, device: str) -> None:
+    """Refuse CPU-only knob values (`cpu_only`) on another device."""
+    needs_cpu = cpu_only(choices)
+    if device != "cpu" and needs_cpu:
+        raise UserError(
+            f"{', '.join(needs_cpu)} runs on the CPU only; use --device cpu, or leave "
+            f"{' and '.join(sorted({c.split('=')[0] for c in needs_cpu}))} at the default on "
+            f"{device}"
+        )
 
 
 def cpu_flags() -> str:

@@ -2,20 +2,29 @@
 
 `make bench-peers` installs llama-cpp-python (the `peers` extra: pip compiles llama.cpp for this
 CPU, once) and `kvpareto bench --parts peers` times it beside ours (`bench.peer_bench`).
-llama.cpp is called as a library; none of its code is in this project.
+llama.cpp is called as a library; none of its code is in this project. Each timing runs in a
+child process (`decode_rate`): llama.cpp is native code that pip compiled for this CPU, and a
+build that uses an instruction the CPU or its VM does not allow dies on a signal (SIGILL was seen
+on an AMX Xeon VM); that ends as one clear error instead of taking the bench down with it.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib.util
+import json
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from kvpareto.errors import UserError
 
 KV_TYPES = {16: "f16", 8: "q8_0", 4: "q4_0"}  # llama.cpp's cache type closest to our KV bits
+# The child that times llama.cpp: this module run as a script (see the end of the file).
+CHILD = [sys.executable, "-m", "kvpareto.peers"]
 
 
 def require() -> None:
@@ -78,8 +87,43 @@ def llama_decode_rate(
     return statistics.median(rates)
 
 
+def decode_rate(
+    path: Path, prompt: list[int], kv_type: str, threads: int, steps: int, rounds: int
+) -> float:
+    """`llama_decode_rate` in a child process; a crash or failure there is a `UserError`."""
+    job = {"path": str(path), "prompt": prompt, "kv_type": kv_type, "threads": threads}
+    job.update(steps=steps, rounds=rounds)
+    done = subprocess.run(CHILD, input=json.dumps(job), capture_output=True, text=True)
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        raise UserError(
+            f"llama.cpp died on {name} while decoding with {kv_type} KV: pip's build of it uses "
+            "an instruction this CPU or VM does not allow; rebuild it for a baseline ISA, e.g. "
+            "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install --force-reinstall --no-cache-dir "
+            "llama-cpp-python"
+        )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"llama.cpp failed while decoding with {kv_type} KV: {last}")
+    return float(json.loads(lines[-1])["tokens_per_s"])
+
+
 def llama_build() -> str:
     """The instruction sets llama.cpp was compiled for (its own system-info line)."""
     import llama_cpp
 
     return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+
+
+if __name__ == "__main__":  # the child of `decode_rate`: one job on stdin, its rate on stdout
+    job = json.load(sys.stdin)
+    rate = llama_decode_rate(
+        Path(job["path"]),
+        job["prompt"],
+        job["kv_type"],
+        job["threads"],
+        job["steps"],
+        job["rounds"],
+    )
+    print(json.dumps({"tokens_per_s": rate}))

@@ -329,6 +329,7 @@ def _facts_html(st: Study) -> str:
         ("budget", f"{f['budget_mb']} MB" if f.get("budget_mb") else "none"),
         ("compute dtype", _compute_dtype(f)),
         ("storage dtype", f.get("storage_dtype", f.get("dtype"))),
+        ("device", f.get("device", "cpu")),  # studies from before --device ran on the CPU
         (
             "hypervolume",
             f"{st.frontier.get('hypervolume', 0):.4f} "

@@ -153,3 +153,25 @@ def test_bench_peers_without_a_peer_or_a_gguf():
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "make bench-peers" in lines[0] or "GGUF" in lines[0], lines[0]
+
+
+def test_a_peer_that_crashes_or_fails_is_one_clear_error(monkeypatch, tmp_path):
+    """llama.cpp times in a child process: its death on a signal (an instruction the CPU lacks)
+    or its failure becomes a `UserError` naming it, and the bench's process lives on."""
+    import sys
+
+    from kvpareto import peers
+    from kvpareto.errors import UserError
+
+    def child(code: str) -> None:
+        monkeypatch.setattr(peers, "CHILD", [sys.executable, "-c", code])
+
+    job = (tmp_path / "m.gguf", [1, 2, 3], "q4_0", 1, 1, 1)
+    child("import os, signal; os.kill(os.getpid(), signal.SIGILL)")
+    with pytest.raises(UserError, match="llama.cpp died on SIGILL while decoding with q4_0 KV"):
+        peers.decode_rate(*job)
+    child("import sys; sys.exit('model file not found')")
+    with pytest.raises(UserError, match="q4_0 KV: model file not found"):
+        peers.decode_rate(*job)
+    child("import json, sys; job = json.load(sys.stdin); print(json.dumps({'tokens_per_s': 7.5}))")
+    assert peers.decode_rate(*job) == 7.5

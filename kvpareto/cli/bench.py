@@ -15,6 +15,7 @@ from kvpareto.hardware import cpu_flag_summary
 
 PARTS = ("kv", "weights", "prune", "reuse", "dtype", "samplers", "peers")
 MODEL_PARTS = set(PARTS) - {"samplers"}  # samplers replay stored tables: no model is loaded
+GPU_PARTS = {"kv", "samplers"}  # the others quantize weights or time CPU kernels
 
 
 def bench_command(
@@ -26,6 +27,11 @@ def bench_command(
     steps: int = typer.Option(16, min=1, help="Decode steps per timed run."),
     repeats: int = typer.Option(3, min=1, help="Timed runs per figure (the median is kept)."),
     threads: int | None = options.threads(),
+    device: str = typer.Option(
+        "cpu",
+        help="cpu (the default: the bench measures this CPU's kernels), cuda or auto. On cuda "
+        "only the kv part runs (weight quantization and the compiled kernels are CPU code).",
+    ),
     dtype: str = options.dtype(),
     storage_dtype: str = options.storage_dtype(),
     parts: str = typer.Option(
@@ -52,12 +58,17 @@ def bench_command(
     import torch
 
     lengths = options.csv_ints(context_lengths, "--context-lengths")
-    compute, storage = options.dtypes(dtype, storage_dtype)
     chosen = {p.strip() for p in parts.split(",") if p.strip()}
     if not chosen or chosen - set(PARTS):
         raise UserError(
             f"--parts takes a comma-separated subset of {', '.join(sorted(PARTS))}; got {parts!r}"
         )
+    device_type = options.device_type(device)
+    if device_type != "cpu" and chosen - GPU_PARTS:
+        raise UserError(
+            f"--device {device_type} runs --parts {','.join(sorted(GPU_PARTS))} only; got {parts!r}"
+        )
+    compute, storage = options.dtypes(dtype, storage_dtype, device_type)
     if "peers" in chosen:
         from kvpareto import peers
 
@@ -66,9 +77,9 @@ def bench_command(
         torch.set_num_threads(threads)
     rows: dict = {}
     if chosen & MODEL_PARTS:
-        loaded = options.load(model, compute, storage)
+        loaded = options.load(model, compute, storage, device_type)
         rows = _measure(loaded, model, chosen, lengths, steps, repeats, prune_samples, storage)
-        rows.update(compute.to_dict(), storage_dtype=storage)
+        rows.update(compute.to_dict(), storage_dtype=storage, device=_device_name(device_type))
     if "samplers" in chosen:
         rows["samplers"] = _replay_samplers(grids, replay_samplers, replay_seeds)
     rows["cpu_flags"] = cpu_flag_summary()
@@ -90,6 +101,13 @@ def bench_command(
         _print_peers(rows["peers"], rows["cpu_flags"])
     if rows["targets"]:
         _print_targets(rows)
+
+
+def _device_name(device: str) -> str:
+    """What ran the figures: "cpu", or the GPU's name (the note must name it)."""
+    import torch
+
+    return f"cuda: {torch.cuda.get_device_name()}" if device == "cuda" else device
 
 
 def _replay_samplers(grids: str, names: str, seeds: int) -> list[dict]:
@@ -203,9 +221,14 @@ def _print_prune(rows: list[dict], length: int) -> None:
     out.print(table)
 
 
+def _where(rows: dict) -> str:
+    device = rows.get("device", "cpu")
+    return f"{rows['threads']} threads" if device == "cpu" else device
+
+
 def _print_kv_bench(rows: dict, compute, storage: str) -> None:
     decode = Table(
-        title=f"decode tokens/s, {rows['threads']} threads, compute {compute.name} "
+        title=f"decode tokens/s, {_where(rows)}, compute {compute.name} "
         f"({compute.reason}), storage {storage}"
     )
     cols = ("context", "KV bits", "path", "ours tok/s", "÷ DynamicCache", "÷ quanto-4")

@@ -31,6 +31,7 @@ def eval_command(
     dtype: str = options.dtype(),
     storage_dtype: str = options.storage_dtype(),
     threads: int | None = options.threads(),
+    device: str = options.device(),
     as_json: bool = options.as_json(),
     **knobs,
 ) -> None:
@@ -43,7 +44,8 @@ def eval_command(
     # Everything the command line says is checked before the model loads.
     config = Config.from_dict({**options.config_file(config_file), **options.given(knobs)})
     lengths = options.csv_ints(context_lengths, "--context-lengths")
-    compute, storage = options.dtypes(dtype, storage_dtype)
+    device_type = options.device_type(device, config)
+    compute, storage = options.dtypes(dtype, storage_dtype, device_type)
     task_names = options.task_names(tasks)
     if config.kv_scheme == "adaptive":  # a bad controller file fails before the model loads
         from kvpareto.kv.controller import load_controller
@@ -53,10 +55,11 @@ def eval_command(
         import torch
 
         torch.set_num_threads(threads)
-    loaded = options.load(model, compute, storage)
+    loaded = options.load(model, compute, storage, device_type)
     result = _run(loaded, config, task_names, lengths, samples, seed, perplexity)
     if as_json:
-        typer.echo(json.dumps({**result.to_dict(), **compute.to_dict()}, indent=2))
+        facts = {**compute.to_dict(), "device": result.device}
+        typer.echo(json.dumps({**result.to_dict(), **facts}, indent=2))
         return
     _print_result(result)
 
@@ -114,12 +117,13 @@ def _print_result(r: TrialResult) -> None:
     out.print(mem)
     prefill, decode = r.timing.prefill_tokens_per_s, r.timing.decode_ms_per_token
     nominal, effective = r.nominal_kv_bits, r.effective_kv_bits
+    where = f"{r.threads} threads" if r.device == "cpu" else r.device
     out.print(
         "prefill "
         + (f"{prefill:.0f} tokens/s" if prefill else "n/a")
         + ", decode "
         + (f"{decode:.1f} ms/token" if decode else "n/a")
-        + f" ({r.threads} threads, compute {r.compute_dtype}, storage {r.storage_dtype})"
+        + f" ({where}, compute {r.compute_dtype}, storage {r.storage_dtype})"
         + (f"; nominal KV bits {nominal:.2f}" if nominal is not None else "")
         + (f", effective {effective:.2f}" if effective else "")
     )

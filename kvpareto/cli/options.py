@@ -17,7 +17,13 @@ import typer
 
 from kvpareto.cli.console import err
 from kvpareto.errors import UserError
-from kvpareto.hardware import COMPUTE_DTYPES, STORAGE_DTYPES, dtype_choice, resolve_compute_dtype
+from kvpareto.hardware import (
+    COMPUTE_DTYPES,
+    STORAGE_DTYPES,
+    dtype_choice,
+    resolve_compute_dtype,
+    resolve_device,
+)
 from kvpareto.knobs import KNOBS
 
 # The catalog's default model, restated: importing kvpareto.models loads torch (seconds), and
@@ -30,6 +36,10 @@ _DTYPE_HELP = (
 _STORAGE_HELP = (
     "Dtype the float weights and full-precision KV are held in, which memory figures count: "
     "bfloat16, float16 or float32."
+)
+_DEVICE_HELP = (
+    "Where weights, KV cache and compute live: auto (cuda where torch sees a GPU, else cpu), "
+    "cpu or cuda. Weight quantization and the compiled kernels run on the CPU only."
 )
 _TASKS_HELP = "Comma-separated task names; lm-eval:NAME runs an lm-eval task."
 
@@ -48,6 +58,10 @@ def dtype():
 
 def storage_dtype():
     return typer.Option("bfloat16", help=_STORAGE_HELP)
+
+
+def device():
+    return typer.Option("auto", help=_DEVICE_HELP)
 
 
 def threads(help: str = "Torch CPU threads (default: all cores)."):
@@ -100,21 +114,35 @@ def task_names(text: str) -> list[str]:
     return names
 
 
-def dtypes(compute: str, storage: str):
-    """(resolved compute dtype, storage dtype name) from --dtype and --storage-dtype."""
-    resolved = resolve_compute_dtype(dtype_choice(compute, "--dtype", COMPUTE_DTYPES))
+def dtypes(compute: str, storage: str, device: str = "cpu"):
+    """(resolved compute dtype, storage dtype name) from --dtype and --storage-dtype, for a
+    resolved device (`auto` picks bf16 on CUDA)."""
+    choice = dtype_choice(compute, "--dtype", COMPUTE_DTYPES)
+    resolved = resolve_compute_dtype(choice, device)
     return resolved, dtype_choice(storage, "--storage-dtype", STORAGE_DTYPES)
 
 
-def load(name: str, compute, storage: str):
-    """The model of --model in the compute and storage dtypes, with a status line meanwhile."""
+def device_type(requested: str, config=None) -> str:
+    """--device resolved on this machine (cpu or cuda) for a run of `config` (a Config, or None
+    for one that sets no knob): `auto` keeps CPU-only knob values on the CPU, and `cuda`
+    refuses them (`hardware.resolve_device`)."""
+    choices = {} if config is None else {k: [v] for k, v in config.to_dict().items()}
+    return resolve_device(requested, choices)
+
+
+def load(name: str, compute, storage: str, device: str = "cpu"):
+    """The model of --model in the compute and storage dtypes on `device`, with a status line
+    meanwhile."""
     import torch
 
     from kvpareto.models import load_model
 
-    with err.status(f"loading {name}"):
+    with err.status(f"loading {name}" + (f" onto {device}" if device != "cpu" else "")):
         return load_model(
-            name, dtype=getattr(torch, compute.name), storage_dtype=getattr(torch, storage)
+            name,
+            dtype=getattr(torch, compute.name),
+            storage_dtype=getattr(torch, storage),
+            device=device,
         )
 
 

@@ -63,6 +63,7 @@ def search_command(
     dtype: str = options.dtype(),
     storage_dtype: str = options.storage_dtype(),
     threads: int | None = options.threads("Torch CPU threads per worker."),
+    device: str = options.device(),
 ) -> None:
     """Search the memory/accuracy frontier of a model over a search space.
 
@@ -96,6 +97,7 @@ def search_command(
             dtype=dtype_choice(dtype, "--dtype", COMPUTE_DTYPES),
             storage_dtype=dtype_choice(storage_dtype, "--storage-dtype", STORAGE_DTYPES),
             threads=threads,
+            device=device,
             perplexity=perplexity,
             baselines=[options.config_file(path) for path in baseline],
         )

@@ -213,13 +213,15 @@ class Fidelity:
         )
 
 
-# The record's keys, in the order `to_dict` writes them; only `perplexity` may be absent.
+# The record's keys, in the order `to_dict` writes them; only `device` and `perplexity` may be
+# absent. `device` is written off the CPU only, so CPU records keep the shape they had before.
 # `fidelity` is null for a trial whose tasks all run themselves; a record without the key was
 # written before fidelity was measured, and the trial cache runs such a trial again.
 RECORD_KEYS = tuple(
     """model model_hash config config_key label tasks accuracy accuracy_ci n fidelity mean_bits
     nominal_kv_bits effective_kv_bits context_lengths samples longest_prompt_tokens memory_tokens
-    memory timing weights source_precision compute_dtype storage_dtype threads when perplexity
+    memory timing weights source_precision compute_dtype storage_dtype device threads when
+    perplexity
     """.split()
 )
 # What a study keeps of a result on its Optuna trial (`user_attrs`), in the order it sets them.
@@ -263,6 +265,7 @@ class TrialResult:
     threads: int
     when: str  # UTC, ISO 8601
     perplexity: Perplexity | None = None  # measured only when asked
+    device: str = "cpu"  # where weights, cache and compute lived: cpu or cuda
 
     def to_dict(self) -> dict:
         record = {
@@ -289,9 +292,12 @@ class TrialResult:
             "source_precision": self.source_precision.to_dict(),
             "compute_dtype": self.compute_dtype,
             "storage_dtype": self.storage_dtype,
+            "device": self.device,
             "threads": self.threads,
             "when": self.when,
         }
+        if self.device == "cpu":
+            del record["device"]
         if self.perplexity is not None:
             record["perplexity"] = self.perplexity.to_dict()
         return record
@@ -302,7 +308,7 @@ class TrialResult:
         names what differs when the record has another shape."""
         from kvpareto.models.precision import SourcePrecision
 
-        _check_keys(data, RECORD_KEYS, "the record", optional=("perplexity",))
+        _check_keys(data, RECORD_KEYS, "the record", optional=("perplexity", "device"))
         try:
             config = Config.from_dict(data["config"])
             source = SourcePrecision.from_dict(data["source_precision"])
@@ -334,6 +340,7 @@ class TrialResult:
             source_precision=source,
             compute_dtype=data["compute_dtype"],
             storage_dtype=data["storage_dtype"],
+            device=data.get("device", "cpu"),
             threads=data["threads"],
             when=data["when"],
             perplexity=Perplexity.from_dict(data["perplexity"]) if "perplexity" in data else None,

@@ -475,6 +475,7 @@ def _assemble(
         compute_dtype=dtype_name(compute_dtype(model)),
         storage_dtype=dtype_name(storage_dtype(model)),
         threads=torch.get_num_threads(),
+        device=next(model.parameters()).device.type,
         when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 

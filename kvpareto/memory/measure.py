@@ -4,12 +4,14 @@ Measured means bytes of tensors actually held (weights, KV) or a peak observed w
 ran (activations). Modeled means a closed-form formula from the architecture and the Config.
 Reports show both; tests check that they agree (KV to the byte, activations within 10%).
 
-The activation peak is measured over a prefill and one decode step. On CPU it is read from the
-allocator itself, through the torch profiler's memory events: every allocation and free, those
-inside composite ops included (SDPA converts its boolean mask to a float one inside a single op,
-which a hook on op outputs never sees). Parameters are not activations, and neither are the
-bytes the KV cache holds at that moment, so both are left out: what remains is the part that
-chunked prefill shrinks. On CUDA, `torch.cuda.max_memory_allocated` is used instead.
+The activation peak is measured over a prefill and one decode step. It is read from the
+allocator of the model's device (CPU or CUDA) itself, through the torch profiler's memory events:
+every allocation and free, those inside composite ops included (SDPA converts its boolean mask
+to a float one inside a single op, which a hook on op outputs never sees). Parameters are not
+activations, and neither are the bytes the KV cache holds at that moment, so both are left out:
+what remains is the part that chunked prefill shrinks. (`torch.cuda.max_memory_allocated` alone
+cannot do that on CUDA: it keeps no timeline, so it cannot tell which KV bytes were held at its
+peak.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity
 
 from kvpareto.config import Config
-from kvpareto.engine import prefill
+from kvpareto.engine import on_device, prefill
 from kvpareto.hf_compat import with_cache
 from kvpareto.kv import make_cache
 from kvpareto.weights.packed_linear import resolve_kernel_paths
@@ -98,8 +100,9 @@ def _allocator_peak(events: list[tuple[int, int, int]], marks: list[tuple[int, s
     return peak
 
 
-def _profiled(prof) -> tuple[list[tuple[int, int, int]], list[int]]:
-    """(CPU allocation events, end times of the cache updates in order) from a finished profile."""
+def _profiled(prof, device: str) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """(allocation events on `device` (a device type), end times of the cache updates in order)
+    from a finished profile."""
     from torch._C._profiler import _EventType
 
     events, marks = [], []
@@ -109,7 +112,7 @@ def _profiled(prof) -> tuple[list[tuple[int, int, int]], list[int]]:
         stack.extend(event.children)
         if event.tag == _EventType.Allocation:
             fields = event.extra_fields
-            if fields.device.type == "cpu":
+            if fields.device.type == device:
                 events.append((event.start_time_ns, fields.ptr, fields.alloc_size))
         elif event.name == _MARK:
             marks.append(event.end_time_ns)
@@ -167,63 +170,54 @@ def measure_prefill(model, input_ids: torch.Tensor, config: Config) -> tuple[int
     was flushed into tiles or a window slid on the way there.
     """
     dtype = next(model.parameters()).dtype
-    with make_cache(model, config, dtype, prompt_length=input_ids.shape[1]) as cache:
-        if input_ids.device.type == "cuda":
-            return _cuda_peak(model, input_ids, cache, config)
-        return _cpu_peak(model, input_ids, cache, config)
-
-
-def _cpu_peak(model, input_ids: torch.Tensor, cache, config: Config) -> tuple[int, int]:
-    """The allocator's peak over the run, from the profiler's memory events, KV stores left out
-    at every moment (see `_allocator_peak`), and the KV peak."""
+    input_ids = on_device(input_ids, model)
     # A packed layer probes its kernel paths at its first call on a machine; a probe inside the
     # profiled run would count its scratch as activation, so it happens now.
     resolve_kernel_paths(model)
-    return _profiled_peak(cache, lambda: _run(model, input_ids, cache, config))
+    with make_cache(model, config, dtype, prompt_length=input_ids.shape[1]) as cache:
+        return _profiled_peak(
+            input_ids.device.type, cache, lambda: _run(model, input_ids, cache, config)
+        )
 
 
-def _profiled_peak(cache, run):
-    """(the allocator's activation peak while `run()` runs, KV stores left out, what it
-    returned), with the cache's updates marked."""
+def _profiled_peak(device: str, cache, run):
+    """(the `device` allocator's activation peak while `run()` runs, KV stores left out at every
+    moment (see `_allocator_peak`), what it returned), with the cache's updates marked."""
     held: list[set[int]] = []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     # Kineto logs "profiler_start/stop" lines straight to stderr at every profile, below any
     # level Python controls; 6 is past its highest level, so it stays quiet unless a user asks.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with (
         _marked_updates(cache, held),
-        torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        torch.profiler.profile(activities=activities, profile_memory=True) as prof,
     ):
         result = run()
         _mark_all(cache, held)
-    events, ends = _profiled(prof)
+    events, ends = _profiled(prof, device)
+    if device != "cpu" and not events:
+        # A profiler that saw no allocation on the GPU would read as a zero peak: a lie.
+        raise RuntimeError(f"the torch profiler recorded no {device} allocations")
     return _allocator_peak(events, list(zip(ends, held, strict=True))), result
 
 
 @torch.inference_mode()
 def measure_phases(model, input_ids: torch.Tensor, config: Config) -> tuple[int, int]:
     """(prefill activation peak, one decode step's activation peak), each measured on its own
-    on the CPU allocator (KV stores left out, as in `measure_prefill`): what a device needs for
-    the prompt, and what each generated token needs after it."""
+    on the allocator of the model's device (KV stores left out, as in `measure_prefill`): what
+    a device needs for the prompt, and what each generated token needs after it."""
     dtype = next(model.parameters()).dtype
+    input_ids = on_device(input_ids, model)
     resolve_kernel_paths(model)
     with make_cache(model, config, dtype, prompt_length=input_ids.shape[1]) as cache:
+        device = input_ids.device.type
         prefill_peak, logits = _profiled_peak(
-            cache, lambda: prefill(model, input_ids, cache, config.chunk_size)
+            device, cache, lambda: prefill(model, input_ids, cache, config.chunk_size)
         )
         token = logits.argmax(dim=-1)[:, None]
         step_peak, _ = _profiled_peak(
-            cache, lambda: model(token, **with_cache(cache), use_cache=True, logits_to_keep=1)
+            device,
+            cache,
+            lambda: model(token, **with_cache(cache), use_cache=True, logits_to_keep=1),
         )
     return prefill_peak, step_peak
-
-
-def _cuda_peak(model, input_ids: torch.Tensor, cache, config: Config) -> tuple[int, int]:
-    """The CUDA allocator's peak over the run, less the KV held at the run's end, and the KV
-    peak. The allocator keeps no timeline, so the KV subtracted is the end's, not the peak's:
-    off by what the cache wrote or freed after the peak."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    kv = _run(model, input_ids, cache, config)
-    torch.cuda.synchronize()
-    return max(torch.cuda.max_memory_allocated() - base - cache.nbytes(), 0), kv

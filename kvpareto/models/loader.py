@@ -102,7 +102,10 @@ def resolve_ref(ref: str) -> tuple[str, object]:
 
 
 def load_model(
-    ref: str, dtype: torch.dtype = torch.float32, storage_dtype: torch.dtype | None = None
+    ref: str,
+    dtype: torch.dtype = torch.float32,
+    storage_dtype: torch.dtype | None = None,
+    device: str = "cpu",
 ) -> LoadedModel:
     """Load `ref`, which may be a catalog name, a .gguf path, an HF folder, or a hub id.
 
@@ -110,13 +113,17 @@ def load_model(
     `dtype`, casting each weight as it is used when the two differ (`precision.compute_in`). Its
     attention is SDPA's, but for decode steps that our cache fuses (`kernels.fused_decode`), and
     its linears run one-row calls through the compiled decode linear where this machine measured
-    it faster (`kernels.decode_linear`)."""
+    it faster (`kernels.decode_linear`). On `device` "cuda" the weights are moved to the GPU;
+    both compiled kernels are CPU code, so there SDPA and torch's linears run."""
     from kvpareto.kernels import decode_linear, fused_decode
 
     loaded = _load(ref, storage_dtype or dtype)
     compute_in(loaded.model, dtype)
     fused_decode.install(loaded.model)
-    decode_linear.install(loaded.model, dtype)
+    if device == "cpu":
+        decode_linear.install(loaded.model, dtype)
+    else:
+        loaded.model.to(device)
     return loaded
 
 

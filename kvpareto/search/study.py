@@ -47,7 +47,7 @@ from pathlib import Path
 from kvpareto.config import Config, canonical
 from kvpareto.errors import UserError
 from kvpareto.evaluation.result import TrialResult
-from kvpareto.hardware import ComputeDtype, resolve_compute_dtype
+from kvpareto.hardware import ComputeDtype, resolve_compute_dtype, resolve_device
 from kvpareto.search.racing import RacedOut, default_min_samples, raced_out, rivals
 from kvpareto.search.samplers import (
     REPEAT_LIMIT,
@@ -70,6 +70,9 @@ OBJECTIVES = {
 
 # Room left for the answer after the prompt: a context length must leave it free.
 ANSWER_ROOM = 32
+
+# Defining settings added after studies recorded theirs, with the value every older study had.
+DEFINING_BEFORE_RECORDED = {"device": "cpu"}
 
 
 def check_fits(model: str, length: int, limit: int) -> None:
@@ -103,6 +106,7 @@ class SearchSettings:
     dtype: str = "auto"  # the compute dtype asked for; `compute` is what it resolves to here
     storage_dtype: str = "bfloat16"  # what float weights and full-precision K/V are held in
     threads: int | None = None
+    device: str = "auto"  # asked for; `device_type` is what it resolves to here
     perplexity: bool = False  # also measure held-out perplexity (reported, not an objective)
     # configs to evaluate first, after the space's baselines (`search --baseline FILE`)
     baselines: list[dict] = field(default_factory=list)
@@ -140,11 +144,23 @@ class SearchSettings:
                 f"--study must be a plain name (no slashes or spaces); got {self.study!r}"
             )
         check_storage(self.storage, self.workers)
+        # --device cuda without a GPU, or a CPU-only knob value off the CPU, fails here.
+        _ = self.device_type
         from kvpareto.models import resolve_ref
 
         kind, spec = resolve_ref(self.model)
         limit = spec.max_context if kind == "catalog" else 0
         check_fits(self.model, self.context_length, limit)
+
+    def _knob_choices(self) -> dict[str, list]:
+        """Each knob's values that the space and the baselines may run."""
+        from kvpareto.search.space import load_space
+
+        choices = {k: list(v) for k, v in load_space(self.space_path).choices.items()}
+        for config in (canonical(data) for data in self.baselines):
+            for knob, value in config.to_dict().items():
+                choices.setdefault(knob, []).append(value)
+        return choices
 
     def _validate_objectives(self) -> None:
         ordered = [o for o in OBJECTIVES if o in self.objectives]
@@ -167,9 +183,19 @@ class SearchSettings:
             )
 
     @cached_property
+    def device_type(self) -> str:
+        """The device resolved on this machine (cpu or cuda): where trials run. `auto` keeps a
+        space with CPU-only knob values (weight quantization) on the CPU."""
+        import torch
+
+        if self.device == "cpu" or not torch.cuda.is_available():  # the space cannot matter
+            return resolve_device(self.device)
+        return resolve_device(self.device, self._knob_choices())
+
+    @cached_property
     def compute(self) -> ComputeDtype:
         """The compute dtype resolved on this machine: what trials run in and are keyed by."""
-        return resolve_compute_dtype(self.dtype)
+        return resolve_compute_dtype(self.dtype, self.device_type)
 
     @property
     def rung(self) -> int | None:
@@ -200,6 +226,7 @@ class SearchSettings:
             "budget_mb": self.budget_mb,  # each trial's feasibility is set against it
             "compute_dtype": self.compute.name,
             "storage_dtype": self.storage_dtype,
+            "device": self.device_type,
         }
 
     def study_dir(self) -> Path:
@@ -220,6 +247,8 @@ def eval_key(
         identity.append({"samples_run": samples_run})
     if s.storage_dtype != s.compute.name:  # equal dtypes keep the keys made before the split
         identity.append({"storage_dtype": s.storage_dtype})
+    if s.device_type != "cpu":  # the CPU keeps the keys made before --device
+        identity.append({"device": s.device_type})
     if s.perplexity:  # only when asked, so caches written before it existed stay valid
         from kvpareto.engine import SCORING_VERSION
         from kvpareto.tasks.perplexity import source
@@ -299,9 +328,11 @@ class Search:
         if held is None and (self.dir / "study.json").is_file():
             facts = json.loads((self.dir / "study.json").read_text())
             held = {k: facts.get(k) for k in wanted}
+        if held is not None:  # a setting recorded later has its old value where it is absent
+            held = {**DEFINING_BEFORE_RECORDED, **{k: v for k, v in held.items() if v is not None}}
         changed = [k for k in wanted if held is not None and held.get(k) != wanted[k]]
         if changed:
-            was = ", ".join(f"{k} {held[k]}" for k in changed)
+            was = ", ".join(f"{k} {held.get(k)}" for k in changed)
             now = ", ".join(f"{k} {wanted[k]}" for k in changed)
             raise UserError(
                 f"study {self.s.study!r} of {self.s.model} was run with {was}; this command "
@@ -374,6 +405,7 @@ class Search:
             self.s.model,
             dtype=getattr(torch, self.s.compute.name),
             storage_dtype=getattr(torch, self.s.storage_dtype),
+            device=self.s.device_type,
         )
         check_fits(self.s.model, self.s.context_length, self.loaded.spec.max_context)
         self._leave_out_source_grid()
@@ -689,6 +721,7 @@ def study_facts(settings, space, command: list[str], source) -> dict:
         "objectives": settings.objectives,
         **settings.compute.to_dict(),
         "storage_dtype": settings.storage_dtype,
+        "device": settings.device_type,
         "versions": {
             "kvpareto": __version__,
             "python": sys.version.split()[0],

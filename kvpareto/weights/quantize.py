@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from kvpareto.config import Config
+from kvpareto.hardware import check_device
 from kvpareto.knobs import KNOB
 from kvpareto.registry import Registry
 from kvpareto.weights import embedding, int4pack
@@ -109,6 +110,9 @@ def quantized_model(
     embed = config.embed_weights
     if method == "none" and embed == "none":
         return loaded
+    # The packed layouts are those of torch's CPU kernels: refused elsewhere (`check_device`).
+    device = next(loaded.model.parameters()).device.type
+    check_device({"weights": [method], "embed_weights": [embed]}, device)
     if backend:
         KNOB["awq_backend"].check_runs_here(backend)
     quantizer = QUANTIZERS.get(method) if method != "none" else None
