@@ -29,9 +29,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -198,7 +200,8 @@ constexpr int64_t kMaxRep = 8;  // query heads per KV head whose accumulators st
 // Whether `weigh_packed_rows` serves a packed stream: per-token tiles whose groups cover whole
 // vectors of a row's bytes, or two groups to a vector (2-bit g32 with 16 lanes).
 bool weighs_by_vectors(const Stream& st, int64_t d, int64_t rep) {
-  if (st.tile_tokens != 1 || st.nb % kLanes != 0 || rep > kMaxRep) return false;
+  if (st.tile_tokens != 1 || st.nb % kLanes != 0 || st.nb / kLanes > 64 || rep > kMaxRep)
+    return false;
   const int64_t span = st.nb / st.groups(d);
   return span % kLanes == 0 || 2 * span == kLanes;
 }
@@ -219,67 +222,80 @@ void per_token_tiles(const Stream& st, int64_t lo, int64_t n, int64_t d, Scratch
   }
 }
 
-// Packed V rows [lo, lo + n) weighted by p[h * stride_p + j] and added into the planar
-// accumulators acc + h * stride_acc, for R query heads. The loop runs one vector of channels at
-// a time over all the part's tokens, so that each head's accumulator stays in a register (R is
-// a template argument so that the compiler can keep them there): row after row of axpy into
-// memory was bound by its stores.
-template <int R>
-void weigh_packed_rows(const Stream& st, int64_t n, const float* p, int64_t stride_p,
-                       int64_t d, const Scratch& sc, float* acc, int64_t stride_acc) {
-  const int64_t groups = st.groups(d), nb = st.nb, span = nb / groups;
-  const uint32_t mask = (1u << st.bits) - 1;
-  const bool two = span < kLanes;
-  for (int64_t c = 0; c < d; c += kLanes) {  // planar channels [c, c + kLanes)
-    const int64_t f = c / nb, i = c % nb, g = i / span;
-    const auto sh = vshift(static_cast<int>(f * st.bits));
-    Vec a[R];
-    for (int h = 0; h < R; ++h) a[h] = vzero();
+// Where a per-token row's vectors of bytes find their scale and zero: vector k covers bytes
+// [k * kLanes, (k + 1) * kLanes), in group g[k] (and g[k] + 1 when two groups share a vector).
+struct RowGroups {
+  int64_t vectors = 0, groups = 0, nb = 0;
+  bool two = false;
+  int64_t g[64] = {};  // nb / kLanes <= 64: d <= 4096 at 8 bits with 16 lanes
+  RowGroups() = default;
+  // For a stream that `weighs_by_vectors`.
+  RowGroups(const Stream& st, int64_t d) : groups(st.groups(d)), nb(st.nb) {
+    const int64_t span = nb / groups;
+    vectors = nb / kLanes;
+    two = span < kLanes;
+    for (int64_t k = 0; k < vectors && k < 64; ++k) g[k] = k * kLanes / span;
+  }
+  Vec pick(const float* v, int64_t k) const {
+    return two ? vset2(v[g[k]], v[g[k] + 1]) : vset(v[g[k]]);
+  }
+};
+
+// Packed V rows j < n of `per_token_tiles` weighted by p[h * stride_p + j] and added into the
+// planar accumulators acc + h * stride_acc, for R query heads, PER fields to a byte. The loop
+// runs one vector of bytes at a time over all the part's tokens, so that the accumulators of
+// its PER fields and R heads stay in registers (R and PER are template arguments so that the
+// compiler keeps them there), and each byte is widened once for all its fields: row after row
+// of axpy into memory was bound by its stores.
+template <int R, int PER>
+void weigh_packed_rows(const RowGroups& rg, int64_t n, const float* p, int64_t stride_p,
+                       const Scratch& sc, float* acc, int64_t stride_acc) {
+  constexpr int kBits = 8 / PER;
+  constexpr uint32_t kMask = (1u << kBits) - 1;
+  for (int64_t k = 0; k < rg.vectors; ++k) {
+    const int64_t i = k * kLanes;
+    Vec a[PER][R];
+    for (int f = 0; f < PER; ++f)
+      for (int h = 0; h < R; ++h) a[f][h] = vzero();
     for (int64_t j = 0; j < n; ++j) {
-      const float* s = sc.ts.data() + j * groups + g;
-      const float* z = sc.tz.data() + j * groups + g;
-      const Vec x = vfma(vcodes(sc.rows[j] + i, sh, mask), two ? vset2(s[0], s[1]) : vset(*s),
-                         two ? vset2(z[0], z[1]) : vset(*z));
-      for (int h = 0; h < R; ++h) a[h] = vfma(vset(p[h * stride_p + j]), x, a[h]);
+      const Vec s = rg.pick(sc.ts.data() + j * rg.groups, k);
+      const Vec z = rg.pick(sc.tz.data() + j * rg.groups, k);
+      const VecI bytes = vexpand(sc.rows[j] + i);
+      Vec w[R];
+      for (int h = 0; h < R; ++h) w[h] = vset(p[h * stride_p + j]);
+      for (int f = 0; f < PER; ++f) {
+        const Vec x = vfma(vfield(bytes, vshift(f * kBits), kMask), s, z);
+        for (int h = 0; h < R; ++h) a[f][h] = vfma(w[h], x, a[f][h]);
+      }
     }
-    for (int h = 0; h < R; ++h) {
-      float* o = acc + h * stride_acc + c;
-      vstore(o, vadd(vload(o), a[h]));
-    }
+    for (int f = 0; f < PER; ++f)
+      for (int h = 0; h < R; ++h) {
+        float* o = acc + h * stride_acc + f * rg.nb + i;
+        vstore(o, vadd(vload(o), a[f][h]));
+      }
   }
 }
 
 // The products qp[h] * row (kLanes partial sums per head h < R) of the per-token packed K row j
-// of `per_token_tiles`, dequantized a vector at a time in registers; stored at
-// lanes + h * kLanes * kLanes (see `score_in_blocks`).
-template <int R>
-void packed_products(const Stream& st, int64_t j, const float* const* qp, int64_t d,
-                     const Scratch& sc, float* lanes) {
-  const int64_t groups = st.groups(d), nb = st.nb, span = nb / groups;
-  const uint32_t mask = (1u << st.bits) - 1;
+// of `per_token_tiles`, dequantized a vector at a time in registers, each byte widened once for
+// its PER fields; stored at lanes + h * kLanes * kLanes (see `score_in_blocks`).
+template <int R, int PER>
+void packed_products(const RowGroups& rg, int64_t j, const float* const* qp, const Scratch& sc,
+                     float* lanes) {
+  constexpr int kBits = 8 / PER;
+  constexpr uint32_t kMask = (1u << kBits) - 1;
   const uint8_t* row = sc.rows[j];
-  const float* s = sc.ts.data() + j * groups;
-  const float* z = sc.tz.data() + j * groups;
+  const float* ts = sc.ts.data() + j * rg.groups;
+  const float* tz = sc.tz.data() + j * rg.groups;
   Vec a[R];
   for (int h = 0; h < R; ++h) a[h] = vzero();
-  for (int64_t f = 0; f < st.per; ++f) {
-    const auto sh = vshift(static_cast<int>(f * st.bits));
-    const int64_t base = f * nb;
-    if (span >= kLanes) {
-      for (int64_t g = 0; g < groups; ++g) {
-        const Vec sg = vset(s[g]), zg = vset(z[g]);
-        for (int64_t i = g * span; i < (g + 1) * span; i += kLanes) {
-          const Vec x = vfma(vcodes(row + i, sh, mask), sg, zg);
-          for (int h = 0; h < R; ++h) a[h] = vfma(vload(qp[h] + base + i), x, a[h]);
-        }
-      }
-    } else {  // two groups to a vector
-      for (int64_t g = 0; g < groups; g += 2) {
-        const int64_t i = g * span;
-        const Vec x =
-            vfma(vcodes(row + i, sh, mask), vset2(s[g], s[g + 1]), vset2(z[g], z[g + 1]));
-        for (int h = 0; h < R; ++h) a[h] = vfma(vload(qp[h] + base + i), x, a[h]);
-      }
+  for (int64_t k = 0; k < rg.vectors; ++k) {
+    const int64_t i = k * kLanes;
+    const Vec s = rg.pick(ts, k), z = rg.pick(tz, k);
+    const VecI bytes = vexpand(row + i);
+    for (int f = 0; f < PER; ++f) {
+      const Vec x = vfma(vfield(bytes, vshift(f * kBits), kMask), s, z);
+      for (int h = 0; h < R; ++h) a[h] = vfma(vload(qp[h] + f * rg.nb + i), x, a[h]);
     }
   }
   for (int h = 0; h < R; ++h) vstore(lanes + h * kLanes * kLanes, a[h]);
@@ -341,17 +357,28 @@ constexpr WeighTail kWeighTail[kMaxRep] = {
     weigh_tail_rows<1>, weigh_tail_rows<2>, weigh_tail_rows<3>, weigh_tail_rows<4>,
     weigh_tail_rows<5>, weigh_tail_rows<6>, weigh_tail_rows<7>, weigh_tail_rows<8>};
 
-using PackedProducts = void (*)(const Stream&, int64_t, const float* const*, int64_t,
-                                const Scratch&, float*);
-constexpr PackedProducts kPackedProducts[kMaxRep] = {
-    packed_products<1>, packed_products<2>, packed_products<3>, packed_products<4>,
-    packed_products<5>, packed_products<6>, packed_products<7>, packed_products<8>};
+// The instances of a template over (R, PER) for R = 1..kMaxRep and PER = 1, 2, 4 (8-, 4- and
+// 2-bit codes), indexed [per_index(PER)][R - 1].
+using PackedProducts = void (*)(const RowGroups&, int64_t, const float* const*, const Scratch&,
+                                float*);
+using WeighRows = void (*)(const RowGroups&, int64_t, const float*, int64_t, const Scratch&,
+                           float*, int64_t);
 
-using WeighRows = void (*)(const Stream&, int64_t, const float*, int64_t, int64_t,
-                           const Scratch&, float*, int64_t);
-constexpr WeighRows kWeighRows[kMaxRep] = {
-    weigh_packed_rows<1>, weigh_packed_rows<2>, weigh_packed_rows<3>, weigh_packed_rows<4>,
-    weigh_packed_rows<5>, weigh_packed_rows<6>, weigh_packed_rows<7>, weigh_packed_rows<8>};
+template <int PER, std::size_t... I>
+constexpr std::array<PackedProducts, kMaxRep> products_for(std::index_sequence<I...>) {
+  return {packed_products<static_cast<int>(I) + 1, PER>...};
+}
+template <int PER, std::size_t... I>
+constexpr std::array<WeighRows, kMaxRep> weighs_for(std::index_sequence<I...>) {
+  return {weigh_packed_rows<static_cast<int>(I) + 1, PER>...};
+}
+constexpr auto kReps = std::make_index_sequence<kMaxRep>{};
+constexpr std::array<std::array<PackedProducts, kMaxRep>, 3> kPackedProducts = {
+    products_for<1>(kReps), products_for<2>(kReps), products_for<4>(kReps)};
+constexpr std::array<std::array<WeighRows, kMaxRep>, 3> kWeighRows = {
+    weighs_for<1>(kReps), weighs_for<2>(kReps), weighs_for<4>(kReps)};
+
+int per_index(int64_t per) { return per == 1 ? 0 : per == 2 ? 1 : 2; }
 
 // The packed row at (slot, row) of `st` dequantized into `out`, planar. Each field f of the
 // row's bytes is one loop over the bytes, with the scale and zero of byte i's channel: for
@@ -432,7 +459,9 @@ void score_in_blocks(const Stream& K, const std::vector<Head>& heads, const floa
   int64_t tail_slot = K.tail_at(lo + n_packed);
   // Per-token packed rows are dequantized in registers (`packed_products`), others into `row`.
   const PackedProducts in_registers =
-      n_packed && weighs_by_vectors(K, d, rep) ? kPackedProducts[rep - 1] : nullptr;
+      n_packed && weighs_by_vectors(K, d, rep) ? kPackedProducts[per_index(K.per)][rep - 1]
+                                               : nullptr;
+  const RowGroups rg = in_registers ? RowGroups(K, d) : RowGroups();
   const float* qp[kMaxRep] = {};
   if (in_registers) {
     per_token_tiles(K, lo, n_packed, d, sc);
@@ -448,7 +477,7 @@ void score_in_blocks(const Stream& K, const std::vector<Head>& heads, const floa
       const int64_t j = j0 + t;
       const bool packed = j < n_packed;
       if (packed && in_registers) {
-        in_registers(K, j, qp, d, sc, lanes + t * kLanes);
+        in_registers(rg, j, qp, sc, lanes + t * kLanes);
         continue;
       }
       if (!packed && tail_fast) {
@@ -528,7 +557,7 @@ void run_part(const Stream& K, const Stream& V, const std::vector<Head>& heads,
   if (lo < V.n_q && weighs_by_vectors(V, d, rep)) {
     j = std::min(n, V.n_q - lo);
     per_token_tiles(V, lo, j, d, sc);
-    kWeighRows[rep - 1](V, j, scores, n, d, sc, out + 2, stride);
+    kWeighRows[per_index(V.per)][rep - 1](RowGroups(V, d), j, scores, n, sc, out + 2, stride);
   } else if (lo < V.n_q) {
     int64_t slot, r;
     V.packed_at(lo, slot, r);

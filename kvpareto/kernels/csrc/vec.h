@@ -30,6 +30,15 @@ inline Vec vcodes(const uint8_t* p, __m128i shift, uint32_t mask) {
   x = _mm512_and_si512(_mm512_srl_epi32(x, shift), _mm512_set1_epi32(static_cast<int>(mask)));
   return _mm512_cvtepi32_ps(x);
 }
+// kLanes packed bytes widened to 32-bit lanes, once for all the fields they hold (`vfield`).
+using VecI = __m512i;
+inline VecI vexpand(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline Vec vfield(VecI x, __m128i shift, uint32_t mask) {
+  return _mm512_cvtepi32_ps(
+      _mm512_and_si512(_mm512_srl_epi32(x, shift), _mm512_set1_epi32(static_cast<int>(mask))));
+}
 inline Vec vbf16(const uint16_t* p) {  // bf16 is fp32's upper half
   __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
@@ -86,6 +95,14 @@ inline Vec vcodes(const uint8_t* p, __m128i shift, uint32_t mask) {
   x = _mm256_and_si256(_mm256_srl_epi32(x, shift), _mm256_set1_epi32(static_cast<int>(mask)));
   return _mm256_cvtepi32_ps(x);
 }
+using VecI = __m256i;
+inline VecI vexpand(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline Vec vfield(VecI x, __m128i shift, uint32_t mask) {
+  return _mm256_cvtepi32_ps(
+      _mm256_and_si256(_mm256_srl_epi32(x, shift), _mm256_set1_epi32(static_cast<int>(mask))));
+}
 inline Vec vbf16(const uint16_t* p) {
   __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
@@ -128,6 +145,11 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float vsum(Vec v) { return v; }
 inline Vec vcodes(const uint8_t* p, int shift, uint32_t mask) {
   return static_cast<float>((static_cast<uint32_t>(*p) >> shift) & mask);
+}
+using VecI = uint32_t;
+inline VecI vexpand(const uint8_t* p) { return *p; }
+inline Vec vfield(VecI x, int shift, uint32_t mask) {
+  return static_cast<float>((x >> shift) & mask);
 }
 inline Vec vbf16(const uint16_t* p) {
   const uint32_t u = static_cast<uint32_t>(*p) << 16;
