@@ -97,7 +97,7 @@ class KVParetoLM(HFLM):
             max_new_tokens=max_length - context.shape[1],
             stop_strings=tuple(stop),
         )
-        return torch.cat([context, torch.tensor([gen.new_tokens])], dim=1)
+        return torch.cat([context, torch.tensor([gen.new_tokens], device=context.device)], dim=1)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
         results = []
