@@ -94,17 +94,19 @@ def decode_rate(
     job = {"path": str(path), "prompt": prompt, "kv_type": kv_type, "threads": threads}
     job.update(steps=steps, rounds=rounds)
     done = subprocess.run(CHILD, input=json.dumps(job), capture_output=True, text=True)
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
     if done.returncode < 0:
         name = signal.Signals(-done.returncode).name
-        raise UserError(
-            f"llama.cpp died on {name} while decoding with {kv_type} KV: pip's build of it uses "
-            "an instruction this CPU or VM does not allow; rebuild it for a baseline ISA, e.g. "
-            "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install --force-reinstall --no-cache-dir "
-            "llama-cpp-python"
+        why = (
+            "pip's build of it uses an instruction this CPU or VM does not allow; rebuild it for "
+            "a baseline ISA, e.g. CMAKE_ARGS=-DGGML_NATIVE=OFF pip install --force-reinstall "
+            "--no-cache-dir llama-cpp-python"
+            if name == "SIGILL"
+            else f"its last words: {last}"
         )
+        raise UserError(f"llama.cpp died on {name} while decoding with {kv_type} KV: {why}")
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"llama.cpp failed while decoding with {kv_type} KV: {last}")
     return float(json.loads(lines[-1])["tokens_per_s"])
 

@@ -170,6 +170,12 @@ def test_a_peer_that_crashes_or_fails_is_one_clear_error(monkeypatch, tmp_path):
     child("import os, signal; os.kill(os.getpid(), signal.SIGILL)")
     with pytest.raises(UserError, match="llama.cpp died on SIGILL while decoding with q4_0 KV"):
         peers.decode_rate(*job)
+    child(
+        "import os, signal, sys; print('out of memory', file=sys.stderr, flush=True); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    with pytest.raises(UserError, match="died on SIGKILL while decoding with q4_0 KV: its last"):
+        peers.decode_rate(*job)
     child("import sys; sys.exit('model file not found')")
     with pytest.raises(UserError, match="q4_0 KV: model file not found"):
         peers.decode_rate(*job)
