@@ -234,7 +234,7 @@ struct RowGroups {
     const int64_t span = nb / groups;
     vectors = nb / kLanes;
     two = span < kLanes;
-    for (int64_t k = 0; k < vectors && k < 64; ++k) g[k] = k * kLanes / span;
+    for (int64_t k = 0; k < vectors; ++k) g[k] = k * kLanes / span;
   }
   Vec pick(const float* v, int64_t k) const {
     return two ? vset2(v[g[k]], v[g[k] + 1]) : vset(v[g[k]]);
@@ -400,16 +400,6 @@ void dequantize_row(const Stream& st, int64_t slot, int64_t row_in_tile, int64_t
           const Vec s = vset(sc.s[g]), z = vset(sc.z[g]);
           for (int64_t i = g * span; i < (g + 1) * span; i += kLanes)
             vstore(out + f * nb + i, vfma(vcodes(row + i, sh, mask), s, z));
-        }
-      }
-      return;
-    }
-    if (2 * span == kLanes && nb % kLanes == 0) {  // two groups to a vector (2-bit g32, AVX-512)
-      for (int64_t f = 0; f < st.per; ++f) {
-        const auto sh = vshift(static_cast<int>(f * st.bits));
-        for (int64_t g = 0; g < groups; g += 2) {
-          const Vec s = vset2(sc.s[g], sc.s[g + 1]), z = vset2(sc.z[g], sc.z[g + 1]);
-          vstore(out + f * nb + g * span, vfma(vcodes(row + g * span, sh, mask), s, z));
         }
       }
       return;

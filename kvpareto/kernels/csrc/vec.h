@@ -24,12 +24,6 @@ inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
-// Field `shift` of kLanes packed bytes, as floats.
-inline Vec vcodes(const uint8_t* p, __m128i shift, uint32_t mask) {
-  __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  x = _mm512_and_si512(_mm512_srl_epi32(x, shift), _mm512_set1_epi32(static_cast<int>(mask)));
-  return _mm512_cvtepi32_ps(x);
-}
 // kLanes packed bytes widened to 32-bit lanes, once for all the fields they hold (`vfield`).
 using VecI = __m512i;
 inline VecI vexpand(const uint8_t* p) {
@@ -90,11 +84,6 @@ inline float vsum(Vec v) {
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
   return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
-inline Vec vcodes(const uint8_t* p, __m128i shift, uint32_t mask) {
-  __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  x = _mm256_and_si256(_mm256_srl_epi32(x, shift), _mm256_set1_epi32(static_cast<int>(mask)));
-  return _mm256_cvtepi32_ps(x);
-}
 using VecI = __m256i;
 inline VecI vexpand(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -143,9 +132,6 @@ inline Vec vload(const float* p) { return *p; }
 inline void vstore(float* p, Vec v) { *p = v; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float vsum(Vec v) { return v; }
-inline Vec vcodes(const uint8_t* p, int shift, uint32_t mask) {
-  return static_cast<float>((static_cast<uint32_t>(*p) >> shift) & mask);
-}
 using VecI = uint32_t;
 inline VecI vexpand(const uint8_t* p) { return *p; }
 inline Vec vfield(VecI x, int shift, uint32_t mask) {
@@ -177,5 +163,10 @@ inline __m128i vshift(int bits) { return _mm_cvtsi32_si128(bits); }
 #else
 inline int vshift(int bits) { return bits; }
 #endif
+
+// Field `shift` (from vshift) of kLanes packed bytes, as floats: one field of a row read alone.
+inline Vec vcodes(const uint8_t* p, decltype(vshift(0)) shift, uint32_t mask) {
+  return vfield(vexpand(p), shift, mask);
+}
 
 }  // namespace kvpareto
